@@ -1,0 +1,536 @@
+//! The acquisition builders, [`Acquire`] and [`RateLimit`]: blocking, `try_`,
+//! with a timeout, and async through `IntoFuture`. All four forms share one
+//! deadline-based core.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::event::Event;
+use crate::guard::ConcurrencyGuard;
+use crate::limiter::{deliver, Limiter, Shared};
+use crate::names::Names;
+use crate::state::{Begin, Look, Request};
+use crate::timer::{timer, TimerKey};
+use crate::waiters::{Ids, Kind, Ticket, Wake, Wakes};
+use crate::Error;
+
+/// Options shared by both builders (Prefect's parameters).
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    timeout: Option<Duration>,
+    create_if_missing: bool,
+    max_retries: Option<u32>,
+    strict: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: None,
+            create_if_missing: true,
+            max_retries: None,
+            strict: false,
+        }
+    }
+}
+
+/// What one acquisition asks for.
+struct Spec<'a> {
+    names: Names<'a>,
+    occupy: u32,
+    kind: Kind,
+    opts: Options,
+}
+
+impl Spec<'_> {
+    fn request(&self) -> Request<'_> {
+        Request {
+            names: &self.names,
+            occupy: self.occupy,
+            kind: self.kind,
+            strict: self.opts.strict,
+            create_if_missing: self.opts.create_if_missing,
+            max_retries: self.opts.max_retries,
+        }
+    }
+
+    /// `None`: wait forever (also when the timeout is too large to add).
+    fn deadline(&self, start: Instant) -> Option<Instant> {
+        self.opts.timeout.and_then(|t| start.checked_add(t))
+    }
+
+    fn waits(&self) -> bool {
+        self.opts.timeout != Some(Duration::ZERO)
+    }
+
+    fn timed_out(&self, waited: Duration) -> Error {
+        Error::Timeout {
+            names: self.names.joined(),
+            occupy: self.occupy,
+            waited,
+        }
+    }
+}
+
+/// Slots taken, from which limits and when.
+struct Taken {
+    ids: Ids,
+    at: Instant,
+    waited: Duration,
+}
+
+/// How the caller wants a first attempt that does not fit handled.
+#[derive(PartialEq)]
+enum Mode {
+    Try,
+    Block,
+}
+
+/// The blocking core: a first attempt, then parking until granted, failed or
+/// out of time. `Ok(None)` only for `Mode::Try`.
+fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Error> {
+    let start = Instant::now();
+    let deadline = spec.deadline(start);
+    let mut created = Vec::new();
+    let queue = mode == Mode::Block && spec.waits();
+    let wake = || Wake::Thread(thread::current());
+    let begin = shared.state.lock().begin(
+        &spec.request(),
+        start,
+        queue.then_some(&wake as &dyn Fn() -> Wake),
+        &mut created,
+    )?;
+    let ticket = match begin {
+        Begin::Taken(ids) => {
+            return Ok(Some(Taken {
+                ids,
+                at: start,
+                waited: Duration::ZERO,
+            }))
+        }
+        Begin::Refused if mode == Mode::Try => return Ok(None),
+        Begin::Refused => return Err(spec.timed_out(Duration::ZERO)),
+        Begin::Queued(ticket) => ticket,
+    };
+    loop {
+        let now = Instant::now();
+        let mut wakes = Wakes::new();
+        let look = shared
+            .state
+            .lock()
+            .look(ticket, now, start, deadline, &mut wakes);
+        deliver(wakes);
+        match look {
+            Look::Done(done) => {
+                return done.map(|ids| {
+                    Some(Taken {
+                        ids,
+                        at: now,
+                        waited: now - start,
+                    })
+                })
+            }
+            // Spurious and early unparks only cost another look.
+            Look::Wait(Some(at)) => thread::park_timeout(at.saturating_duration_since(now)),
+            Look::Wait(None) => thread::park(),
+        }
+    }
+}
+
+/// Tells the observer what was taken.
+fn acquired(shared: &Shared, taken: &Taken, occupy: u32, kind: Kind) {
+    if shared.observer.is_none() || taken.ids.is_empty() {
+        return;
+    }
+    let names = {
+        let state = shared.state.lock();
+        taken
+            .ids
+            .iter()
+            .filter_map(|id| state.reg.get(id.idx).filter(|l| l.uid == id.uid))
+            .map(|l| l.name.to_string())
+            .collect()
+    };
+    shared.emit(|| Event::Acquired {
+        names,
+        occupy,
+        waited: taken.waited,
+        rate_limit: kind == Kind::RateLimit,
+    });
+}
+
+macro_rules! options {
+    () => {
+        /// Gives up after `timeout` with [`Error::Timeout`]; the deadline
+        /// covers the whole acquisition. `Duration::ZERO` means one attempt
+        /// and no waiting. Without it (the default), waits indefinitely.
+        pub fn timeout(mut self, timeout: Duration) -> Self {
+            self.spec.opts.timeout = Some(timeout);
+            self
+        }
+
+        /// Whether a missing limit is created, inactive with limit 1, so that
+        /// the acquisition passes and an operator can configure it later
+        /// (default `true`, as Prefect). With `false` a missing name is
+        /// skipped.
+        pub fn create_if_missing(mut self, create: bool) -> Self {
+            self.spec.opts.create_if_missing = create;
+            self
+        }
+
+        /// Makes at most `1 + retries` attempts: the first, then one each time
+        /// the acquisition is woken (a release, decay, an update of its limits)
+        /// and checks again; then fails with [`Error::RetriesExhausted`].
+        /// Default: unbounded.
+        pub fn max_retries(mut self, retries: u32) -> Self {
+            self.spec.opts.max_retries = Some(retries);
+            self
+        }
+
+        /// With `true`, a missing name is [`Error::NotFound`] (naming the first
+        /// missing one), and nothing is created or taken; this wins over
+        /// `create_if_missing`. Default `false`.
+        pub fn strict(mut self, strict: bool) -> Self {
+            self.spec.opts.strict = strict;
+            self
+        }
+    };
+}
+
+/// An acquisition of held slots, made by [`Limiter::concurrency`].
+///
+/// # Fairness
+///
+/// Waiters are served first come, first served on every limit they share;
+/// a later acquisition (including `try_acquire`) passes an earlier one only
+/// when it cannot delay it. Several limits are taken all at once or not at all,
+/// in any order of names, without deadlock.
+///
+/// # Cancel safety
+///
+/// Dropping the future of `.await` at any point, including the instant slots
+/// were granted to it, leaves nothing taken and nobody queued.
+#[must_use = "an acquisition does nothing until .acquire(), .try_acquire() or .await"]
+pub struct Acquire<'a> {
+    limiter: &'a Limiter,
+    spec: Spec<'a>,
+}
+
+impl<'a> Acquire<'a> {
+    pub(crate) fn new(limiter: &'a Limiter, names: Names<'a>, occupy: u32) -> Self {
+        Acquire {
+            limiter,
+            spec: Spec {
+                names,
+                occupy,
+                kind: Kind::Concurrency,
+                opts: Options::default(),
+            },
+        }
+    }
+
+    options!();
+
+    /// Blocks until the slots are held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`], [`Error::RetriesExhausted`],
+    /// [`Error::OccupyExceedsLimit`] (also if the limit is lowered below
+    /// `occupy` while waiting), [`Error::InvalidOccupy`], [`Error::InvalidName`],
+    /// [`Error::NotFound`] with `strict`.
+    pub fn acquire(self) -> Result<ConcurrencyGuard, Error> {
+        let taken = run(&self.limiter.shared, &self.spec, Mode::Block)?.expect("blocking");
+        Ok(self.guard(taken))
+    }
+
+    /// Takes the slots if they fit now, without waiting; `Ok(None)` if not
+    /// (or if a limit is paused). Fair: it does not take slots an earlier
+    /// waiter is queued for.
+    ///
+    /// # Errors
+    ///
+    /// As [`Acquire::acquire`], but never a timeout.
+    pub fn try_acquire(self) -> Result<Option<ConcurrencyGuard>, Error> {
+        let taken = run(&self.limiter.shared, &self.spec, Mode::Try)?;
+        Ok(taken.map(|t| self.guard(t)))
+    }
+
+    fn guard(&self, taken: Taken) -> ConcurrencyGuard {
+        let shared = &self.limiter.shared;
+        acquired(shared, &taken, self.spec.occupy, Kind::Concurrency);
+        ConcurrencyGuard::new(shared.clone(), taken.ids, self.spec.occupy, taken.at)
+    }
+}
+
+impl fmt::Debug for Acquire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire")
+            .field("names", &self.spec.names.joined())
+            .field("occupy", &self.spec.occupy)
+            .field("options", &self.spec.opts)
+            .finish()
+    }
+}
+
+impl<'a> IntoFuture for Acquire<'a> {
+    type Output = Result<ConcurrencyGuard, Error>;
+    type IntoFuture = AcquireFuture;
+
+    fn into_future(self) -> AcquireFuture {
+        AcquireFuture(Waiting::new(&self.limiter.shared, self.spec))
+    }
+}
+
+/// A rate-limit acquisition, made by [`Limiter::rate_limit`]: it blocks until
+/// `occupy` slots fit on every named limit and takes them as decaying slots.
+///
+/// Fair and cancel-safe as [`Acquire`]. A waiter held back only by decay is
+/// woken at the exact instant enough slots have drained, and charged from that
+/// instant, so timer lateness costs no pace.
+#[must_use = "a rate limit does nothing until .acquire(), .try_acquire() or .await"]
+pub struct RateLimit<'a> {
+    limiter: &'a Limiter,
+    spec: Spec<'a>,
+}
+
+impl<'a> RateLimit<'a> {
+    pub(crate) fn new(limiter: &'a Limiter, names: Names<'a>, occupy: u32) -> Self {
+        RateLimit {
+            limiter,
+            spec: Spec {
+                names,
+                occupy,
+                kind: Kind::RateLimit,
+                opts: Options::default(),
+            },
+        }
+    }
+
+    options!();
+
+    /// Blocks until the slots fit, then takes them.
+    ///
+    /// # Errors
+    ///
+    /// As [`Acquire::acquire`], plus [`Error::NoSlotDecay`] on an active limit
+    /// whose `slot_decay_per_second` is 0.
+    pub fn acquire(self) -> Result<(), Error> {
+        let shared = &self.limiter.shared;
+        let taken = run(shared, &self.spec, Mode::Block)?.expect("blocking");
+        acquired(shared, &taken, self.spec.occupy, Kind::RateLimit);
+        Ok(())
+    }
+
+    /// Takes the slots if they fit now; `Ok(false)` if not.
+    ///
+    /// # Errors
+    ///
+    /// As [`RateLimit::acquire`], but never a timeout.
+    pub fn try_acquire(self) -> Result<bool, Error> {
+        let shared = &self.limiter.shared;
+        match run(shared, &self.spec, Mode::Try)? {
+            Some(taken) => {
+                acquired(shared, &taken, self.spec.occupy, Kind::RateLimit);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl fmt::Debug for RateLimit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("names", &self.spec.names.joined())
+            .field("occupy", &self.spec.occupy)
+            .field("options", &self.spec.opts)
+            .finish()
+    }
+}
+
+impl<'a> IntoFuture for RateLimit<'a> {
+    type Output = Result<(), Error>;
+    type IntoFuture = RateLimitFuture;
+
+    fn into_future(self) -> RateLimitFuture {
+        RateLimitFuture(Waiting::new(&self.limiter.shared, self.spec))
+    }
+}
+
+/// The future of [`Acquire`]'s `.await`: resolves to a guard.
+///
+/// Works under any executor; timeouts and decay waits use turnstile's own
+/// timer thread. Dropping it gives back anything it took.
+#[must_use = "futures do nothing unless polled"]
+pub struct AcquireFuture(Waiting);
+
+/// The future of [`RateLimit`]'s `.await`.
+///
+/// Works under any executor; dropping it gives back anything it took.
+#[must_use = "futures do nothing unless polled"]
+pub struct RateLimitFuture(Waiting);
+
+impl Future for AcquireFuture {
+    type Output = Result<ConcurrencyGuard, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let waiting = &mut self.get_mut().0;
+        waiting.poll(cx).map(|taken| {
+            let taken = taken?;
+            let shared = waiting.shared.clone();
+            acquired(&shared, &taken, waiting.spec.occupy, Kind::Concurrency);
+            Ok(ConcurrencyGuard::new(
+                shared,
+                taken.ids,
+                waiting.spec.occupy,
+                taken.at,
+            ))
+        })
+    }
+}
+
+impl Future for RateLimitFuture {
+    type Output = Result<(), Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let waiting = &mut self.get_mut().0;
+        waiting.poll(cx).map(|taken| {
+            acquired(&waiting.shared, &taken?, waiting.spec.occupy, Kind::RateLimit);
+            Ok(())
+        })
+    }
+}
+
+impl fmt::Debug for AcquireFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AcquireFuture").field(&self.0.ticket).finish()
+    }
+}
+
+impl fmt::Debug for RateLimitFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RateLimitFuture").field(&self.0.ticket).finish()
+    }
+}
+
+/// The async core: the same first attempt and looks as [`run`], woken by
+/// wakers and the timer thread instead of unparking.
+struct Waiting {
+    shared: Arc<Shared>,
+    spec: Spec<'static>,
+    start: Option<Instant>,
+    ticket: Option<Ticket>,
+    timer: Option<TimerKey>,
+    done: bool,
+}
+
+impl Waiting {
+    fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Self {
+        Waiting {
+            shared: shared.clone(),
+            spec: Spec {
+                names: spec.names.into_owned(),
+                occupy: spec.occupy,
+                kind: spec.kind,
+                opts: spec.opts,
+            },
+            start: None,
+            ticket: None,
+            timer: None,
+            done: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Taken, Error>> {
+        assert!(!self.done, "turnstile future polled after completion");
+        let now = Instant::now();
+        let start = *self.start.get_or_insert(now);
+        let deadline = self.spec.deadline(start);
+        let ticket = match self.ticket {
+            Some(ticket) => ticket,
+            None => {
+                let mut created = Vec::new();
+                let waker = cx.waker();
+                let wake = || Wake::Task(waker.clone());
+                let begin = self.shared.state.lock().begin(
+                    &self.spec.request(),
+                    now,
+                    self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
+                    &mut created,
+                );
+                match begin {
+                    Err(err) => return self.finish(Err(err)),
+                    Ok(Begin::Taken(ids)) => {
+                        return self.finish(Ok(Taken {
+                            ids,
+                            at: now,
+                            waited: Duration::ZERO,
+                        }))
+                    }
+                    Ok(Begin::Refused) => {
+                        return self.finish(Err(self.spec.timed_out(Duration::ZERO)))
+                    }
+                    Ok(Begin::Queued(ticket)) => {
+                        self.ticket = Some(ticket);
+                        ticket
+                    }
+                }
+            }
+        };
+        let mut wakes = Wakes::new();
+        let look = {
+            let mut state = self.shared.state.lock();
+            state.set_waker(ticket, cx.waker());
+            state.look(ticket, now, start, deadline, &mut wakes)
+        };
+        deliver(wakes);
+        match look {
+            Look::Done(done) => {
+                self.ticket = None;
+                self.finish(done.map(|ids| Taken {
+                    ids,
+                    at: now,
+                    waited: now - start,
+                }))
+            }
+            Look::Wait(at) => {
+                // Re-armed at every pending poll: the task's waker may change.
+                if let Some(old) = self.timer.take() {
+                    timer().cancel(old);
+                }
+                self.timer = at.map(|at| timer().register(at, cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+
+    fn finish(&mut self, result: Result<Taken, Error>) -> Poll<Result<Taken, Error>> {
+        self.done = true;
+        if let Some(key) = self.timer.take() {
+            timer().cancel(key);
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(key) = self.timer.take() {
+            timer().cancel(key);
+        }
+        if let Some(ticket) = self.ticket.take() {
+            let mut wakes = Wakes::new();
+            self.shared
+                .state
+                .lock()
+                .abandon(ticket, Instant::now(), &mut wakes);
+            deliver(wakes);
+        }
+    }
+}

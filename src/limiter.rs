@@ -1,0 +1,314 @@
+//! The public face: [`Limiter`] and [`LimiterBuilder`].
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::acquire::{Acquire, RateLimit};
+use crate::event::{Event, Observer};
+use crate::names::IntoNames;
+use crate::state::State;
+use crate::waiters::Wakes;
+use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
+
+/// What every clone of a limiter, and every guard, shares.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    pub observer: Option<Observer>,
+}
+
+impl Shared {
+    /// Tells the observer, if there is one.
+    pub fn emit(&self, event: impl FnOnce() -> Event) {
+        if let Some(observer) = &self.observer {
+            observer(&event());
+        }
+    }
+}
+
+/// Delivers wake-ups collected under the lock, once it is released.
+pub(crate) fn deliver(wakes: Wakes) {
+    for wake in wakes {
+        wake.wake();
+    }
+}
+
+/// A registry of named limits whose slots threads and tasks take and give
+/// back.
+///
+/// Cheap to clone: clones share one registry. Share one limiter among all
+/// the workers of a process.
+///
+/// ```
+/// use turnstile::{Limiter, LimitConfig};
+/// use std::thread;
+///
+/// let limiter = Limiter::in_memory();
+/// limiter.create_limit("gpu", LimitConfig::new(2))?;
+/// let workers: Vec<_> = (0..4)
+///     .map(|_| {
+///         let limiter = limiter.clone();
+///         thread::spawn(move || {
+///             let _gpu = limiter.concurrency("gpu", 1).acquire()?;
+///             // At most two workers are here at once.
+///             Ok::<_, turnstile::Error>(())
+///         })
+///     })
+///     .collect();
+/// for w in workers {
+///     w.join().unwrap()?;
+/// }
+/// assert_eq!(limiter.limit("gpu").unwrap().held_slots, 0);
+/// # Ok::<(), turnstile::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Limiter {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.shared.state.lock();
+        f.debug_struct("Limiter")
+            .field("limits", &state.reg.len())
+            .field("waiters", &state.waiters.len())
+            .field("observed", &self.shared.observer.is_some())
+            .finish()
+    }
+}
+
+impl Limiter {
+    /// A limiter that keeps everything in memory.
+    pub fn in_memory() -> Limiter {
+        Limiter::from_parts(None)
+    }
+
+    /// A limiter backed by the SQLite store at `path`, created if missing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if the file cannot be opened or is not a turnstile
+    /// store; [`Error::StoreInUse`] if another live limiter owns it.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Limiter, Error> {
+        Limiter::builder().path(path).build()
+    }
+
+    /// A builder for a limiter with a store, a flush interval or an observer.
+    pub fn builder() -> LimiterBuilder {
+        LimiterBuilder::default()
+    }
+
+    fn from_parts(observer: Option<Observer>) -> Limiter {
+        Limiter {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                observer,
+            }),
+        }
+    }
+
+    /// Creates a limit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`], [`Error::InvalidConfig`], or
+    /// [`Error::AlreadyExists`] if the name is taken.
+    ///
+    /// ```
+    /// # use turnstile::{Limiter, LimitConfig};
+    /// let limiter = Limiter::in_memory();
+    /// let info = limiter.create_limit("api", LimitConfig::new(10).slot_decay_per_second(5.0))?;
+    /// assert_eq!((info.limit, info.active), (10, true));
+    /// # Ok::<(), turnstile::Error>(())
+    /// ```
+    pub fn create_limit(&self, name: &str, config: LimitConfig) -> Result<LimitInfo, Error> {
+        self.shared.state.lock().create(name, &config, Instant::now())
+    }
+
+    /// Changes a limit. Raising it, deactivating it or giving it faster decay
+    /// wakes the waiters that now fit; lowering it below a waiter's `occupy`
+    /// fails that waiter with [`Error::OccupyExceedsLimit`]. Holders keep
+    /// their slots when the limit is lowered below them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`], [`Error::InvalidConfig`].
+    pub fn update_limit(&self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
+        let mut wakes = Wakes::new();
+        let info = self
+            .shared
+            .state
+            .lock()
+            .update(name, &update, Instant::now(), &mut wakes);
+        deliver(wakes);
+        info
+    }
+
+    /// Deletes a limit. Its blocked acquisitions go on as if it had never
+    /// existed (strict ones fail with [`Error::NotFound`]); guards holding its
+    /// slots give nothing back, not even to a new limit of the same name.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`].
+    pub fn delete_limit(&self, name: &str) -> Result<(), Error> {
+        let mut wakes = Wakes::new();
+        let done = self
+            .shared
+            .state
+            .lock()
+            .delete(name, Instant::now(), &mut wakes);
+        deliver(wakes);
+        done
+    }
+
+    /// Drops a limit's decaying slots and zeroes its `denied_slots`; slots
+    /// held by live guards stay held.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotFound`].
+    pub fn reset_limit(&self, name: &str) -> Result<LimitInfo, Error> {
+        let mut wakes = Wakes::new();
+        let info = self
+            .shared
+            .state
+            .lock()
+            .reset(name, Instant::now(), &mut wakes);
+        deliver(wakes);
+        info
+    }
+
+    /// A snapshot of one limit.
+    pub fn limit(&self, name: &str) -> Option<LimitInfo> {
+        self.shared.state.lock().info(name, Instant::now())
+    }
+
+    /// Snapshots of every limit, sorted by name.
+    pub fn limits(&self) -> Vec<LimitInfo> {
+        self.shared.state.lock().infos(Instant::now())
+    }
+
+    /// Holds `occupy` slots of each named limit until the returned guard
+    /// drops. Configure the acquisition on the builder, then `.acquire()`,
+    /// `.try_acquire()` or `.await` it.
+    ///
+    /// ```
+    /// # use turnstile::{Limiter, LimitConfig};
+    /// # use std::time::Duration;
+    /// let limiter = Limiter::in_memory();
+    /// limiter.create_limit("gpu", LimitConfig::new(2))?;
+    /// limiter.create_limit("db", LimitConfig::new(4))?;
+    /// let guard = limiter
+    ///     .concurrency(["gpu", "db"], 2)
+    ///     .timeout(Duration::from_secs(5))
+    ///     .acquire()?;
+    /// assert_eq!(limiter.limit("db").unwrap().held_slots, 2);
+    /// guard.release();
+    /// # Ok::<(), turnstile::Error>(())
+    /// ```
+    pub fn concurrency<'a>(&'a self, names: impl IntoNames<'a>, occupy: u32) -> Acquire<'a> {
+        Acquire::new(self, names.into_names(), occupy)
+    }
+
+    /// Takes `occupy` decaying slots of each named limit once they fit;
+    /// they are never given back but drain at the limit's
+    /// `slot_decay_per_second`.
+    ///
+    /// ```
+    /// # use turnstile::{Limiter, LimitConfig};
+    /// let limiter = Limiter::in_memory();
+    /// limiter.create_limit("api", LimitConfig::new(2).slot_decay_per_second(10.0))?;
+    /// assert!(limiter.rate_limit("api", 2).try_acquire()?);
+    /// assert!(!limiter.rate_limit("api", 1).try_acquire()?, "bucket empty");
+    /// limiter.rate_limit("api", 1).acquire()?; // waits ~0.1 s for one slot to drain
+    /// # Ok::<(), turnstile::Error>(())
+    /// ```
+    pub fn rate_limit<'a>(&'a self, names: impl IntoNames<'a>, occupy: u32) -> RateLimit<'a> {
+        RateLimit::new(self, names.into_names(), occupy)
+    }
+
+    /// Blocks until all state so far is durable. Without a store there is
+    /// nothing to do.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if the store cannot be written.
+    pub fn flush(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Configures a [`Limiter`].
+///
+/// ```
+/// use turnstile::{Event, Limiter};
+/// use std::time::Duration;
+/// let limiter = Limiter::builder()
+///     .flush_interval(Duration::from_millis(100))
+///     .on_event(|e: &Event| eprintln!("{e:?}"))
+///     .build()?;
+/// # drop(limiter);
+/// # Ok::<(), turnstile::Error>(())
+/// ```
+#[derive(Default)]
+#[must_use = "a builder does nothing until .build()"]
+pub struct LimiterBuilder {
+    path: Option<PathBuf>,
+    flush_interval: Option<Duration>,
+    observer: Option<Observer>,
+}
+
+impl fmt::Debug for LimiterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LimiterBuilder")
+            .field("path", &self.path)
+            .field("flush_interval", &self.flush_interval)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
+}
+
+/// How stale the store's slot state may get, unless configured.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+impl LimiterBuilder {
+    /// Keeps limits in the SQLite store at `path` (created if missing).
+    /// Without it, the limiter is in memory.
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Bounds how much slot state a crash may lose (default 100 ms).
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.flush_interval = Some(interval);
+        self
+    }
+
+    /// Calls `observer` with every [`Event`], synchronously, on the thread
+    /// that caused it, outside every internal lock.
+    pub fn on_event(mut self, observer: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// Builds the limiter, opening its store if a path was given.
+    ///
+    /// # Errors
+    ///
+    /// As [`Limiter::open`].
+    pub fn build(self) -> Result<Limiter, Error> {
+        if let Some(path) = self.path {
+            return Err(Error::Storage {
+                path: path.display().to_string(),
+                message: "the SQLite store is not built yet (in-memory limiters only)".into(),
+                source: None,
+            });
+        }
+        Ok(Limiter::from_parts(self.observer))
+    }
+}

@@ -1,0 +1,355 @@
+//! The engine's state behind the limiter's one lock, and every operation on
+//! it: first attempts, waiting, releases and the registry's changes (which
+//! must wake, pass or fail waiters).
+//!
+//! One lock guards the registry and all queues. An uncontended acquisition
+//! takes it once and a release once; the all-or-nothing check over several
+//! limits and the fair grants then need no lock ordering at all, so they
+//! cannot deadlock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use smallvec::SmallVec;
+
+use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
+use crate::names::Names;
+use crate::registry::{LimitId, Registry};
+use crate::waiters::{Dirty, Ids, Kind, Status, Ticket, Wake, Waiter, Wakes};
+use crate::Error;
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub reg: Registry,
+    pub waiters: HashMap<Ticket, Waiter>,
+    pub next_ticket: Ticket,
+}
+
+/// One acquisition, as the builders describe it.
+pub(crate) struct Request<'r> {
+    pub names: &'r Names<'r>,
+    pub occupy: u32,
+    pub kind: Kind,
+    pub strict: bool,
+    pub create_if_missing: bool,
+    pub max_retries: Option<u32>,
+}
+
+/// The outcome of a first attempt.
+pub(crate) enum Begin {
+    /// Slots taken from these limits (none if every name was inactive,
+    /// skipped or absent).
+    Taken(Ids),
+    /// Did not fit, and the caller did not want to wait.
+    Refused,
+    /// Did not fit; queued.
+    Queued(Ticket),
+}
+
+/// The outcome of a look at a queued waiter.
+pub(crate) enum Look {
+    Done(Result<Ids, Error>),
+    /// Still queued; look again when woken or at this instant.
+    Wait(Option<Instant>),
+}
+
+/// Names of limits, for events; only gathered when someone observes.
+pub(crate) type EventNames = SmallVec<[Arc<str>; 4]>;
+
+impl State {
+    /// The first attempt of an acquisition: validates it, creates missing
+    /// limits if asked to, and takes the slots if they fit now. If they do not,
+    /// queues it when `wake` is given.
+    pub fn begin(
+        &mut self,
+        req: &Request<'_>,
+        now: Instant,
+        wake: Option<&dyn Fn() -> Wake>,
+        created: &mut Vec<String>,
+    ) -> Result<Begin, Error> {
+        if req.occupy == 0 {
+            return Err(Error::InvalidOccupy { occupy: 0 });
+        }
+        let mut ids = Ids::new();
+        let mut missing: SmallVec<[&str; 2]> = SmallVec::new();
+        for name in req.names.iter() {
+            match self.reg.by_name(name) {
+                Some((idx, limit)) => ids.push(limit.id(idx)),
+                None => {
+                    validate_name(name)?;
+                    if !missing.contains(&name) {
+                        missing.push(name);
+                    }
+                }
+            }
+        }
+        if let (true, Some(first)) = (req.strict, missing.first()) {
+            return Err(Error::NotFound {
+                name: first.to_string(),
+            });
+        }
+        if ids.len() > 1 {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        ids.retain(|id| self.reg.get(id.idx).expect("looked up").active);
+        for id in &ids {
+            let limit = self.reg.get(id.idx).expect("looked up");
+            if limit.slots.limit > 0 && req.occupy > limit.slots.limit {
+                return Err(Error::OccupyExceedsLimit {
+                    name: limit.name.to_string(),
+                    occupy: req.occupy,
+                    limit: limit.slots.limit,
+                });
+            }
+            if req.kind == Kind::RateLimit && limit.slots.rate() <= 0.0 {
+                return Err(Error::NoSlotDecay {
+                    name: limit.name.to_string(),
+                });
+            }
+        }
+        if req.create_if_missing {
+            // As Prefect's server did: inactive with limit 1, so the
+            // acquisition passes and an operator can configure it later.
+            for name in missing {
+                self.reg.insert(name, &LimitConfig::new(1).active(false), now);
+                created.push(name.to_string());
+            }
+        }
+
+        let fits = ids.iter().all(|id| {
+            let limit = self.reg.get(id.idx).expect("looked up");
+            limit.slots.fits(limit.queued_occupy, req.occupy, now)
+        });
+        if fits {
+            for id in &ids {
+                let slots = &mut self.reg.get_mut(id.idx).expect("looked up").slots;
+                match req.kind {
+                    Kind::Concurrency => slots.take_held(req.occupy),
+                    Kind::RateLimit => slots.take_decaying(req.occupy, now),
+                }
+            }
+            return Ok(Begin::Taken(ids));
+        }
+        for id in &ids {
+            self.reg.get_mut(id.idx).expect("looked up").denied += u64::from(req.occupy);
+        }
+        if req.max_retries == Some(0) {
+            return Err(Error::RetriesExhausted {
+                names: req.names.joined(),
+                occupy: req.occupy,
+                attempts: 1,
+            });
+        }
+        let Some(wake) = wake else {
+            return Ok(Begin::Refused);
+        };
+        let waiter = Waiter {
+            ids,
+            occupy: req.occupy,
+            kind: req.kind,
+            strict: req.strict,
+            names: req.names.joined(),
+            attempts: 1,
+            max_retries: req.max_retries,
+            status: Status::Queued,
+            decay_at: None,
+            wake: wake(),
+        };
+        Ok(Begin::Queued(self.enqueue(waiter, now)))
+    }
+
+    /// Looks at a queued waiter: done (granted or failed), timed out at
+    /// `deadline`, or still waiting. Runs its decay retry when that is due.
+    pub fn look(
+        &mut self,
+        ticket: Ticket,
+        now: Instant,
+        started: Instant,
+        deadline: Option<Instant>,
+        wakes: &mut Wakes,
+    ) -> Look {
+        for _ in 0..2 {
+            let waiter = self.waiters.get_mut(&ticket).expect("looked at by its owner only");
+            match waiter.status {
+                Status::Granted => {
+                    let waiter = self.waiters.remove(&ticket).expect("present");
+                    return Look::Done(Ok(waiter.ids));
+                }
+                Status::Failed(_) => {
+                    let waiter = self.waiters.remove(&ticket).expect("present");
+                    let Status::Failed(err) = waiter.status else { unreachable!() };
+                    return Look::Done(Err(err));
+                }
+                Status::Queued => {}
+            }
+            match waiter.decay_at {
+                Some(at) if at <= now => self.retry(ticket, now, wakes),
+                _ => break,
+            }
+        }
+        let waiter = &self.waiters[&ticket];
+        if deadline.is_some_and(|d| d <= now) {
+            let err = Error::Timeout {
+                names: waiter.names.clone(),
+                occupy: waiter.occupy,
+                waited: now.saturating_duration_since(started),
+            };
+            self.withdraw(ticket, now, wakes);
+            return Look::Done(Err(err));
+        }
+        let wake_at = match (deadline, waiter.decay_at) {
+            (Some(d), Some(at)) => Some(d.min(at)),
+            (d, at) => d.or(at),
+        };
+        Look::Wait(wake_at)
+    }
+
+    /// Replaces the waker of a queued async waiter.
+    pub fn set_waker(&mut self, ticket: Ticket, waker: &std::task::Waker) {
+        if let Some(waiter) = self.waiters.get_mut(&ticket) {
+            match &waiter.wake {
+                Wake::Task(w) if w.will_wake(waker) => {}
+                _ => waiter.wake = Wake::Task(waker.clone()),
+            }
+        }
+    }
+
+    /// A waiter gives up (its future was dropped): withdraw it if queued, or
+    /// give back what was granted to it and not yet seen.
+    pub fn abandon(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
+        let Some(waiter) = self.waiters.get(&ticket) else { return };
+        match waiter.status {
+            Status::Queued => self.withdraw(ticket, now, wakes),
+            Status::Failed(_) => {
+                self.waiters.remove(&ticket);
+            }
+            Status::Granted => {
+                let waiter = self.waiters.remove(&ticket).expect("present");
+                let mut dirty = Dirty::new();
+                for id in &waiter.ids {
+                    let Some(limit) = self.reg.resolve_mut(*id) else { continue };
+                    match waiter.kind {
+                        Kind::Concurrency => limit.slots.give_back(waiter.occupy),
+                        Kind::RateLimit => limit.slots.untake_decaying(waiter.occupy, now),
+                    }
+                    if !limit.queue.is_empty() {
+                        dirty.push((id.idx, false));
+                    }
+                }
+                self.pump(&mut dirty, now, wakes);
+            }
+        }
+    }
+
+    /// Gives back a guard's slots; names the limits given back to when
+    /// `names` is asked for.
+    pub fn release(
+        &mut self,
+        ids: &[LimitId],
+        occupy: u32,
+        held: Duration,
+        now: Instant,
+        mut names: Option<&mut EventNames>,
+        wakes: &mut Wakes,
+    ) {
+        let mut dirty = Dirty::new();
+        let held_secs = held.as_secs_f64();
+        for id in ids {
+            // A deleted (or deleted and recreated) limit gets nothing back.
+            let Some(limit) = self.reg.resolve_mut(*id) else { continue };
+            limit.slots.give_back(occupy);
+            limit.record_occupancy(held_secs, occupy);
+            if let Some(names) = names.as_deref_mut() {
+                names.push(limit.name.clone());
+            }
+            if !limit.queue.is_empty() {
+                dirty.push((id.idx, true));
+            }
+        }
+        if !dirty.is_empty() {
+            self.pump(&mut dirty, now, wakes);
+        }
+    }
+
+    pub fn create(&mut self, name: &str, config: &LimitConfig, now: Instant) -> Result<LimitInfo, Error> {
+        validate_name(name)?;
+        config.validate(name)?;
+        if self.reg.lookup(name).is_some() {
+            return Err(Error::AlreadyExists {
+                name: name.to_string(),
+            });
+        }
+        let idx = self.reg.insert(name, config, now);
+        Ok(self.reg.get(idx).expect("inserted").info(now))
+    }
+
+    pub fn update(
+        &mut self,
+        name: &str,
+        update: &LimitUpdate,
+        now: Instant,
+        wakes: &mut Wakes,
+    ) -> Result<LimitInfo, Error> {
+        update.validate(name)?;
+        let idx = self.find(name)?;
+        let limit = self.reg.get_mut(idx).expect("found");
+        let was_active = limit.active;
+        if let Some(rate) = update.slot_decay_per_second {
+            limit.slots.set_rate(rate, now);
+        }
+        if let Some(cap) = update.limit {
+            limit.slots.limit = cap;
+        }
+        if let Some(active) = update.active {
+            limit.active = active;
+        }
+        let active = limit.active;
+        let mut dirty = Dirty::new();
+        if was_active && !active {
+            // Deactivated: its waiters stop waiting for it.
+            self.forget_limit(idx, false, &mut dirty, wakes);
+        } else if active {
+            self.fail_impossible(idx, &mut dirty, wakes);
+            dirty.push((idx, true));
+        }
+        self.pump(&mut dirty, now, wakes);
+        Ok(self.reg.get(idx).expect("found").info(now))
+    }
+
+    pub fn delete(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<(), Error> {
+        let idx = self.find(name)?;
+        let mut dirty = Dirty::new();
+        self.forget_limit(idx, true, &mut dirty, wakes);
+        self.reg.remove(idx);
+        self.pump(&mut dirty, now, wakes);
+        Ok(())
+    }
+
+    pub fn reset(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<LimitInfo, Error> {
+        let idx = self.find(name)?;
+        let limit = self.reg.get_mut(idx).expect("found");
+        limit.slots.reset_decaying(now);
+        limit.denied = 0;
+        let mut dirty: Dirty = SmallVec::from_elem((idx, true), 1);
+        self.pump(&mut dirty, now, wakes);
+        Ok(self.reg.get(idx).expect("found").info(now))
+    }
+
+    pub fn info(&self, name: &str, now: Instant) -> Option<LimitInfo> {
+        self.reg.by_name(name).map(|(_, l)| l.info(now))
+    }
+
+    pub fn infos(&self, now: Instant) -> Vec<LimitInfo> {
+        let mut all: Vec<LimitInfo> = self.reg.iter().map(|(_, l)| l.info(now)).collect();
+        all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    fn find(&self, name: &str) -> Result<u32, Error> {
+        self.reg.lookup(name).ok_or_else(|| Error::NotFound {
+            name: name.to_string(),
+        })
+    }
+}

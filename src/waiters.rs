@@ -1,0 +1,332 @@
+//! The fair queue: tickets, all-or-nothing grants and targeted wake-ups.
+//!
+//! # Fairness
+//!
+//! Every waiter takes one ticket from a global counter when it is queued, and
+//! every limit's queue is sorted by ticket. A waiter fits a limit when
+//! `held + decaying + (occupy of every earlier waiter on that limit) + occupy
+//! <= limit`: slots are *reserved* for earlier waiters, so a later waiter (or a
+//! newcomer, or a `try_acquire`) may pass an earlier one only when it cannot
+//! delay it. The oldest waiter has nothing reserved ahead of it on any of its
+//! limits, so it proceeds as soon as capacity allows; hence no deadlock and no
+//! starvation, whatever order names were given in.
+//!
+//! # Wake-ups
+//!
+//! Grants are made by whoever changes the state (a release, an update, a
+//! cancellation, a decay timer): slots are taken on the waiter's behalf, and
+//! exactly that waiter is woken. Along one limit's queue the sum `reserved +
+//! occupy` only grows, so a pass stops at the first waiter that cannot fit even
+//! without decay; waiters behind it are never looked at.
+//!
+//! A grant never makes another waiter's fit worse on the granted limits: what
+//! leaves the reservation enters `held` (or the decaying slots), so one pass
+//! suffices.
+
+use std::task::Waker;
+use std::thread::Thread;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+
+use crate::registry::LimitId;
+use crate::state::State;
+use crate::Error;
+
+/// A waiter's place in the global order.
+pub(crate) type Ticket = u64;
+
+/// Limit ids, inline for the common case of a few names.
+pub(crate) type Ids = SmallVec<[LimitId; 4]>;
+
+/// How to wake a waiter: a parked thread or an async task.
+#[derive(Debug, Clone)]
+pub(crate) enum Wake {
+    Thread(Thread),
+    Task(Waker),
+}
+
+impl Wake {
+    pub fn wake(self) {
+        match self {
+            Wake::Thread(t) => t.unpark(),
+            Wake::Task(w) => w.wake(),
+        }
+    }
+}
+
+/// Wake-ups to deliver once the state lock is released.
+pub(crate) type Wakes = SmallVec<[Wake; 2]>;
+
+/// What a waiter is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Held slots, given back by a guard.
+    Concurrency,
+    /// Decaying slots, never given back.
+    RateLimit,
+}
+
+#[derive(Debug)]
+pub(crate) enum Status {
+    Queued,
+    Granted,
+    Failed(Error),
+}
+
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    /// The active limits still to be taken from, in id order.
+    pub ids: Ids,
+    pub occupy: u32,
+    pub kind: Kind,
+    pub strict: bool,
+    /// All names asked for, for error messages.
+    pub names: String,
+    /// Attempts made so far (the first included).
+    pub attempts: u32,
+    pub max_retries: Option<u32>,
+    pub status: Status,
+    /// When decay alone will let it fit, if that is all it waits for.
+    pub decay_at: Option<Instant>,
+    pub wake: Wake,
+}
+
+/// Limits whose capacity may have grown, to be pumped; `true` when the change
+/// counts as a retry for the waiters it wakes (a release, an update, decay).
+pub(crate) type Dirty = SmallVec<[(u32, bool); 4]>;
+
+/// Whether a waiter fits now.
+enum Fit {
+    Yes,
+    No { decay_at: Option<Instant> },
+}
+
+impl State {
+    /// Queues a waiter; its first attempt has been made and denied.
+    pub fn enqueue(&mut self, waiter: Waiter, now: Instant) -> Ticket {
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        for id in &waiter.ids {
+            let limit = self.reg.get_mut(id.idx).expect("ids are live");
+            limit.enqueue(ticket, waiter.occupy);
+        }
+        self.waiters.insert(ticket, waiter);
+        match self.fit(ticket, now) {
+            Fit::No { decay_at } => {
+                self.waiters.get_mut(&ticket).expect("just queued").decay_at = decay_at;
+            }
+            // Only if time moved between the first attempt and now.
+            Fit::Yes => {
+                let (mut dirty, mut wakes) = (Dirty::new(), Wakes::new());
+                self.grant(ticket, now, &mut dirty, &mut wakes);
+                self.pump(&mut dirty, now, &mut wakes);
+                debug_assert!(wakes.len() <= 1, "nobody else can have been let in");
+            }
+        }
+        ticket
+    }
+
+    /// Re-examines the waiters of the dirty limits, granting every one that
+    /// now fits and failing those out of retries.
+    pub fn pump(&mut self, dirty: &mut Dirty, now: Instant, wakes: &mut Wakes) {
+        while let Some((idx, counts)) = dirty.pop() {
+            let mut pos = 0;
+            let mut reserved = 0u64;
+            loop {
+                let Some(limit) = self.reg.get(idx) else { break };
+                let Some(&q) = limit.queue.get(pos) else { break };
+                if !limit.slots.fits_held(reserved, q.occupy) {
+                    // Everyone behind needs at least as much: stop here.
+                    break;
+                }
+                match self.fit(q.ticket, now) {
+                    Fit::Yes => self.grant(q.ticket, now, dirty, wakes),
+                    Fit::No { decay_at } => {
+                        let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
+                        if counts {
+                            waiter.attempts += 1;
+                            if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
+                                let err = Error::RetriesExhausted {
+                                    names: waiter.names.clone(),
+                                    occupy: waiter.occupy,
+                                    attempts: waiter.attempts,
+                                };
+                                self.fail(q.ticket, err, dirty, wakes);
+                                continue;
+                            }
+                        }
+                        let earlier = match (decay_at, waiter.decay_at) {
+                            (Some(new), Some(old)) => new < old,
+                            (new, _) => new.is_some(),
+                        };
+                        waiter.decay_at = decay_at;
+                        if earlier {
+                            // Its timer is set too late (or not at all): re-arm.
+                            wakes.push(waiter.wake.clone());
+                        }
+                        reserved += u64::from(q.occupy);
+                        pos += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The waiter's own check, when its decay timer fires: grants it if it
+    /// fits (counting one attempt either way).
+    pub fn retry(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
+        let mut dirty = Dirty::new();
+        match self.fit(ticket, now) {
+            Fit::Yes => self.grant(ticket, now, &mut dirty, wakes),
+            Fit::No { decay_at } => {
+                let waiter = self.waiters.get_mut(&ticket).expect("queued");
+                waiter.attempts += 1;
+                waiter.decay_at = decay_at;
+                if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
+                    let err = Error::RetriesExhausted {
+                        names: waiter.names.clone(),
+                        occupy: waiter.occupy,
+                        attempts: waiter.attempts,
+                    };
+                    self.fail(ticket, err, &mut dirty, wakes);
+                }
+            }
+        }
+        self.pump(&mut dirty, now, wakes);
+    }
+
+    /// Whether a queued waiter fits on all its limits, behind the waiters
+    /// queued before it.
+    fn fit(&self, ticket: Ticket, now: Instant) -> Fit {
+        let waiter = &self.waiters[&ticket];
+        let mut fits_all = true;
+        let mut decay_at = Some(now);
+        for id in &waiter.ids {
+            let limit = self.reg.get(id.idx).expect("ids are live");
+            let at = limit
+                .reserved_before(ticket, waiter.occupy)
+                .and_then(|reserved| {
+                    if limit.slots.fits(reserved, waiter.occupy, now) {
+                        Some(now)
+                    } else {
+                        fits_all = false;
+                        limit.slots.fits_at(reserved, waiter.occupy, now)
+                    }
+                });
+            if at.is_none() {
+                fits_all = false;
+            }
+            decay_at = decay_at.zip(at).map(|(a, b)| a.max(b));
+        }
+        if fits_all {
+            Fit::Yes
+        } else {
+            Fit::No { decay_at }
+        }
+    }
+
+    /// Takes the waiter's slots on all its limits at once and wakes it.
+    fn grant(&mut self, ticket: Ticket, now: Instant, dirty: &mut Dirty, wakes: &mut Wakes) {
+        let waiter = self.waiters.get_mut(&ticket).expect("queued");
+        // A waiter that fitted by decay at `decay_at` is charged from then,
+        // not from the moment its (late) timer fired.
+        let since = waiter.decay_at.filter(|&t| t <= now).unwrap_or(now);
+        for id in &waiter.ids {
+            let limit = self.reg.get_mut(id.idx).expect("ids are live");
+            limit.dequeue(ticket);
+            match waiter.kind {
+                Kind::Concurrency => limit.slots.take_held(waiter.occupy),
+                Kind::RateLimit => {
+                    limit.slots.take_decaying(waiter.occupy, since);
+                    // Followers now wait on decay rather than on this
+                    // reservation: let them set their timers.
+                    if !limit.queue.is_empty() {
+                        dirty.push((id.idx, false));
+                    }
+                }
+            }
+        }
+        waiter.status = Status::Granted;
+        wakes.push(waiter.wake.clone());
+    }
+
+    /// Fails a queued waiter with `err`, giving its reservations back.
+    pub fn fail(&mut self, ticket: Ticket, err: Error, dirty: &mut Dirty, wakes: &mut Wakes) {
+        let waiter = self.waiters.get_mut(&ticket).expect("queued");
+        for id in waiter.ids.drain(..) {
+            let limit = self.reg.get_mut(id.idx).expect("ids are live");
+            limit.dequeue(ticket);
+            dirty.push((id.idx, false));
+        }
+        waiter.status = Status::Failed(err);
+        wakes.push(waiter.wake.clone());
+    }
+
+    /// Takes a queued waiter out of every queue (it timed out or was
+    /// cancelled) and lets those behind it move up.
+    pub fn withdraw(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
+        let Some(waiter) = self.waiters.remove(&ticket) else { return };
+        debug_assert!(matches!(waiter.status, Status::Queued));
+        let mut dirty = Dirty::new();
+        for id in &waiter.ids {
+            let limit = self.reg.get_mut(id.idx).expect("ids are live");
+            limit.dequeue(ticket);
+            dirty.push((id.idx, false));
+        }
+        self.pump(&mut dirty, now, wakes);
+    }
+
+    /// Drops limit `idx` from the needs of every waiter queued on it (it was
+    /// deactivated or deleted); strict waiters fail when it is deleted.
+    pub fn forget_limit(&mut self, idx: u32, deleted: bool, dirty: &mut Dirty, wakes: &mut Wakes) {
+        let Some(limit) = self.reg.get_mut(idx) else { return };
+        let queue = std::mem::take(&mut limit.queue);
+        limit.queued_occupy = 0;
+        let name = limit.name.to_string();
+        for q in queue {
+            let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
+            waiter.ids.retain(|id| id.idx != idx);
+            if deleted && waiter.strict {
+                let err = Error::NotFound { name: name.clone() };
+                self.fail(q.ticket, err, dirty, wakes);
+            } else if waiter.ids.is_empty() {
+                // Nothing left to wait for: it passes, holding nothing.
+                waiter.status = Status::Granted;
+                wakes.push(waiter.wake.clone());
+            } else {
+                dirty.extend(waiter.ids.iter().map(|id| (id.idx, true)));
+            }
+        }
+    }
+
+    /// Fails the waiters of `idx` that can never fit its new configuration.
+    pub fn fail_impossible(&mut self, idx: u32, dirty: &mut Dirty, wakes: &mut Wakes) {
+        let Some(limit) = self.reg.get(idx) else { return };
+        let (cap, no_decay, name) = (limit.slots.limit, limit.slots.rate() <= 0.0, limit.name.clone());
+        let doomed: SmallVec<[(Ticket, Error); 2]> = limit
+            .queue
+            .iter()
+            .filter_map(|q| {
+                let waiter = &self.waiters[&q.ticket];
+                if cap > 0 && waiter.occupy > cap {
+                    Some((
+                        q.ticket,
+                        Error::OccupyExceedsLimit {
+                            name: name.to_string(),
+                            occupy: waiter.occupy,
+                            limit: cap,
+                        },
+                    ))
+                } else if no_decay && waiter.kind == Kind::RateLimit {
+                    Some((q.ticket, Error::NoSlotDecay { name: name.to_string() }))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (ticket, err) in doomed {
+            self.fail(ticket, err, dirty, wakes);
+        }
+    }
+}
