@@ -96,15 +96,19 @@ enum Mode {
 fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Error> {
     let start = Instant::now();
     let deadline = spec.deadline(start);
-    let mut created = Vec::new();
     let queue = mode == Mode::Block && spec.waits();
     let wake = || Wake::Thread(thread::current());
-    let begin = shared.state.lock().begin(
-        &spec.request(),
-        start,
-        queue.then_some(&wake as &dyn Fn() -> Wake),
-        &mut created,
-    )?;
+    let begin = loop {
+        let begin = shared.state.lock().begin(
+            &spec.request(),
+            start,
+            queue.then_some(&wake as &dyn Fn() -> Wake),
+        )?;
+        match begin {
+            Begin::Create(names) => shared.create_missing(&names)?,
+            begin => break begin,
+        }
+    };
     let ticket = match begin {
         Begin::Taken(ids) => {
             return Ok(Some(Taken {
@@ -116,6 +120,7 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
         Begin::Refused if mode == Mode::Try => return Ok(None),
         Begin::Refused => return Err(spec.timed_out(Duration::ZERO)),
         Begin::Queued(ticket) => ticket,
+        Begin::Create(_) => unreachable!("handled above"),
     };
     loop {
         let now = Instant::now();
@@ -401,7 +406,12 @@ impl Future for RateLimitFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let waiting = &mut self.get_mut().0;
         waiting.poll(cx).map(|taken| {
-            acquired(&waiting.shared, &taken?, waiting.spec.occupy, Kind::RateLimit);
+            acquired(
+                &waiting.shared,
+                &taken?,
+                waiting.spec.occupy,
+                Kind::RateLimit,
+            );
             Ok(())
         })
     }
@@ -409,13 +419,17 @@ impl Future for RateLimitFuture {
 
 impl fmt::Debug for AcquireFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("AcquireFuture").field(&self.0.ticket).finish()
+        f.debug_tuple("AcquireFuture")
+            .field(&self.0.ticket)
+            .finish()
     }
 }
 
 impl fmt::Debug for RateLimitFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RateLimitFuture").field(&self.0.ticket).finish()
+        f.debug_tuple("RateLimitFuture")
+            .field(&self.0.ticket)
+            .finish()
     }
 }
 
@@ -455,15 +469,25 @@ impl Waiting {
         let ticket = match self.ticket {
             Some(ticket) => ticket,
             None => {
-                let mut created = Vec::new();
                 let waker = cx.waker();
                 let wake = || Wake::Task(waker.clone());
-                let begin = self.shared.state.lock().begin(
-                    &self.spec.request(),
-                    now,
-                    self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
-                    &mut created,
-                );
+                let begin = loop {
+                    let begin = self.shared.state.lock().begin(
+                        &self.spec.request(),
+                        now,
+                        self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
+                    );
+                    match begin {
+                        // Rare (a missing name with a store): a short
+                        // blocking commit inside poll.
+                        Ok(Begin::Create(names)) => {
+                            if let Err(err) = self.shared.create_missing(&names) {
+                                break Err(err);
+                            }
+                        }
+                        begin => break begin,
+                    }
+                };
                 match begin {
                     Err(err) => return self.finish(Err(err)),
                     Ok(Begin::Taken(ids)) => {
@@ -480,6 +504,7 @@ impl Waiting {
                         self.ticket = Some(ticket);
                         ticket
                     }
+                    Ok(Begin::Create(_)) => unreachable!("handled above"),
                 }
             }
         };

@@ -127,10 +127,7 @@ pub(crate) fn validate_name(name: &str) -> Result<(), Error> {
     let reason = if name.is_empty() {
         "it is empty".to_string()
     } else if name.len() > MAX_NAME_LEN {
-        format!(
-            "it is {} bytes long, more than {MAX_NAME_LEN}",
-            name.len()
-        )
+        format!("it is {} bytes long, more than {MAX_NAME_LEN}", name.len())
     } else if let Some(c) = name.chars().find(|c| c.is_control()) {
         format!("it contains the control character {c:?}")
     } else if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {

@@ -89,7 +89,9 @@ pub enum Error {
     },
     /// `rate_limit` on an active limit whose `slot_decay_per_second` is 0:
     /// its slots would never drain.
-    #[error("limit {name:?} has no slot decay (slot_decay_per_second = 0), so rate_limit cannot use it")]
+    #[error(
+        "limit {name:?} has no slot decay (slot_decay_per_second = 0), so rate_limit cannot use it"
+    )]
     NoSlotDecay {
         /// The limit.
         name: String,

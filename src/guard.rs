@@ -56,10 +56,14 @@ impl ConcurrencyGuard {
         }
         let mut wakes = Wakes::new();
         let mut names = self.shared.observer.as_ref().map(|_| EventNames::new());
-        self.shared
-            .state
-            .lock()
-            .release(&self.ids, self.occupy, held, now, names.as_mut(), &mut wakes);
+        self.shared.state.lock().release(
+            &self.ids,
+            self.occupy,
+            held,
+            now,
+            names.as_mut(),
+            &mut wakes,
+        );
         deliver(wakes);
         if let Some(names) = names.filter(|n| !n.is_empty()) {
             self.shared.emit(|| Event::Released {

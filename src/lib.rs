@@ -82,6 +82,7 @@ mod names;
 mod registry;
 mod slots;
 mod state;
+mod store;
 mod timer;
 mod waiters;
 

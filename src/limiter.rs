@@ -11,16 +11,41 @@ use crate::acquire::{Acquire, RateLimit};
 use crate::event::{Event, Observer};
 use crate::names::IntoNames;
 use crate::state::State;
+use crate::store::{Change, Store};
 use crate::waiters::Wakes;
 use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
 
 /// What every clone of a limiter, and every guard, shares.
 pub(crate) struct Shared {
-    pub state: Mutex<State>,
+    pub state: Arc<Mutex<State>>,
     pub observer: Option<Observer>,
+    /// The SQLite store, if any; dropping it flushes and stops its writer.
+    pub store: Option<Store>,
 }
 
 impl Shared {
+    /// Creates missing limits (inactive, limit 1) for an acquisition, each
+    /// committed to the store before it exists in memory.
+    pub fn create_missing(&self, names: &[String]) -> Result<(), Error> {
+        let config = LimitConfig::new(1).active(false);
+        let Some(store) = &self.store else {
+            let mut state = self.state.lock();
+            for name in names {
+                let _ = state.create(name, &config, Instant::now());
+            }
+            return Ok(());
+        };
+        let mut db = store.persist.db.lock();
+        for name in names {
+            if self.state.lock().reg.lookup(name).is_some() {
+                continue;
+            }
+            db.commit(name, &Change::Create(config.clone()))?;
+            let _ = self.state.lock().create(name, &config, Instant::now());
+        }
+        Ok(())
+    }
+
     /// Tells the observer, if there is one.
     pub fn emit(&self, event: impl FnOnce() -> Event) {
         if let Some(observer) = &self.observer {
@@ -104,10 +129,32 @@ impl Limiter {
     fn from_parts(observer: Option<Observer>) -> Limiter {
         Limiter {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                state: Arc::new(Mutex::new(State::default())),
                 observer,
+                store: None,
             }),
         }
+    }
+
+    /// Runs one definition change: with a store, `plan` validates it and the
+    /// store commits it before `apply` changes memory, all under the store's
+    /// lock, so memory never holds a definition the file lacks.
+    fn change<R>(
+        &self,
+        name: &str,
+        plan: impl FnOnce(&State) -> Result<Change, Error>,
+        apply: impl FnOnce(&mut State, Instant, &mut Wakes) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let mut db = self.shared.store.as_ref().map(|s| s.persist.db.lock());
+        if let Some(db) = db.as_mut() {
+            let change = plan(&self.shared.state.lock())?;
+            db.commit(name, &change)?;
+        }
+        let mut wakes = Wakes::new();
+        let result = apply(&mut self.shared.state.lock(), Instant::now(), &mut wakes);
+        drop(db);
+        deliver(wakes);
+        result
     }
 
     /// Creates a limit.
@@ -125,7 +172,14 @@ impl Limiter {
     /// # Ok::<(), turnstile::Error>(())
     /// ```
     pub fn create_limit(&self, name: &str, config: LimitConfig) -> Result<LimitInfo, Error> {
-        self.shared.state.lock().create(name, &config, Instant::now())
+        self.change(
+            name,
+            |state| {
+                state.check_create(name, &config)?;
+                Ok(Change::Create(config.clone()))
+            },
+            |state, now, _| state.create(name, &config, now),
+        )
     }
 
     /// Changes a limit. Raising it, deactivating it or giving it faster decay
@@ -137,14 +191,11 @@ impl Limiter {
     ///
     /// [`Error::NotFound`], [`Error::InvalidConfig`].
     pub fn update_limit(&self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
-        let mut wakes = Wakes::new();
-        let info = self
-            .shared
-            .state
-            .lock()
-            .update(name, &update, Instant::now(), &mut wakes);
-        deliver(wakes);
-        info
+        self.change(
+            name,
+            |state| Ok(Change::Update(state.updated_config(name, &update)?)),
+            |state, now, wakes| state.update(name, &update, now, wakes),
+        )
     }
 
     /// Deletes a limit. Its blocked acquisitions go on as if it had never
@@ -155,14 +206,11 @@ impl Limiter {
     ///
     /// [`Error::NotFound`].
     pub fn delete_limit(&self, name: &str) -> Result<(), Error> {
-        let mut wakes = Wakes::new();
-        let done = self
-            .shared
-            .state
-            .lock()
-            .delete(name, Instant::now(), &mut wakes);
-        deliver(wakes);
-        done
+        self.change(
+            name,
+            |state| state.config(name).map(|_| Change::Delete),
+            |state, now, wakes| state.delete(name, now, wakes),
+        )
     }
 
     /// Drops a limit's decaying slots and zeroes its `denied_slots`; slots
@@ -172,14 +220,11 @@ impl Limiter {
     ///
     /// [`Error::NotFound`].
     pub fn reset_limit(&self, name: &str) -> Result<LimitInfo, Error> {
-        let mut wakes = Wakes::new();
-        let info = self
-            .shared
-            .state
-            .lock()
-            .reset(name, Instant::now(), &mut wakes);
-        deliver(wakes);
-        info
+        self.change(
+            name,
+            |state| state.config(name).map(|_| Change::Reset),
+            |state, now, wakes| state.reset(name, now, wakes),
+        )
     }
 
     /// A snapshot of one limit.
@@ -238,7 +283,10 @@ impl Limiter {
     ///
     /// [`Error::Storage`] if the store cannot be written.
     pub fn flush(&self) -> Result<(), Error> {
-        Ok(())
+        match &self.shared.store {
+            Some(store) => store.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -302,13 +350,19 @@ impl LimiterBuilder {
     ///
     /// As [`Limiter::open`].
     pub fn build(self) -> Result<Limiter, Error> {
-        if let Some(path) = self.path {
-            return Err(Error::Storage {
-                path: path.display().to_string(),
-                message: "the SQLite store is not built yet (in-memory limiters only)".into(),
-                source: None,
-            });
-        }
-        Ok(Limiter::from_parts(self.observer))
+        let Some(path) = self.path else {
+            return Ok(Limiter::from_parts(self.observer));
+        };
+        let state = Arc::new(Mutex::new(State::default()));
+        let interval = self.flush_interval.unwrap_or(DEFAULT_FLUSH_INTERVAL);
+        let store = Store::open(&path, interval, state.clone())?;
+        state.lock().reg.persist = true;
+        Ok(Limiter {
+            shared: Arc::new(Shared {
+                state,
+                observer: self.observer,
+                store: Some(store),
+            }),
+        })
     }
 }

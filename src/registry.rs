@@ -40,6 +40,8 @@ pub(crate) struct Limit {
     /// Sum of the queue's occupy: slots promised to waiters, which newcomers
     /// may not take.
     pub queued_occupy: u64,
+    /// Whether its slot state changed since the store last saved it.
+    pub unsaved: bool,
 }
 
 /// Prefect's starting value for the occupancy average.
@@ -121,9 +123,37 @@ pub(crate) struct Registry {
     slab: Vec<Option<Limit>>,
     free: Vec<u32>,
     next_uid: u64,
+    /// Whether a store wants to hear of slot changes.
+    pub persist: bool,
+    /// Limits whose slot state changed since the store's last sweep.
+    unsaved: Vec<u32>,
 }
 
 impl Registry {
+    /// Notes that a limit's slot state changed, for the store's next sweep.
+    /// Costs one branch without a store, and one flag test per change with one.
+    pub fn touch(&mut self, idx: u32) {
+        if !self.persist {
+            return;
+        }
+        if let Some(limit) = self.get_mut(idx) {
+            if !std::mem::replace(&mut limit.unsaved, true) {
+                self.unsaved.push(idx);
+            }
+        }
+    }
+
+    /// The limits changed since the last call, their flags cleared.
+    pub fn take_unsaved(&mut self) -> Vec<u32> {
+        let unsaved = std::mem::take(&mut self.unsaved);
+        for &idx in &unsaved {
+            if let Some(limit) = self.get_mut(idx) {
+                limit.unsaved = false;
+            }
+        }
+        unsaved
+    }
+
     pub fn lookup(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
     }
@@ -161,6 +191,7 @@ impl Registry {
             avg_occupancy: INITIAL_AVG_OCCUPANCY,
             queue: VecDeque::new(),
             queued_occupy: 0,
+            unsaved: false,
         };
         let idx = match self.free.pop() {
             Some(idx) => {

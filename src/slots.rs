@@ -64,7 +64,8 @@ impl Slots {
 
     /// Whether `occupy` more slots fit at `now` behind `reserved` slots.
     pub fn fits(&self, reserved: u64, occupy: u32, now: Instant) -> bool {
-        self.fits_held(reserved, occupy) && self.decaying(now) <= self.room(reserved, occupy) + EPSILON
+        self.fits_held(reserved, occupy)
+            && self.decaying(now) <= self.room(reserved, occupy) + EPSILON
     }
 
     /// Room left for decaying slots once held, reserved and `occupy` are in.
@@ -86,8 +87,12 @@ impl Slots {
         if self.rate <= 0.0 {
             return None;
         }
-        let wait = Duration::try_from_secs_f64(excess / self.rate).ok()?;
-        now.checked_add(wait)
+        // Rounded up to the nanosecond, so that at the instant it fits.
+        let nanos = (excess / self.rate * 1e9).ceil();
+        if !nanos.is_finite() || nanos >= u64::MAX as f64 {
+            return None;
+        }
+        now.checked_add(Duration::from_nanos(nanos as u64))
     }
 
     pub fn take_held(&mut self, occupy: u32) {

@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::names::Names;
 use crate::registry::{LimitId, Registry};
-use crate::waiters::{Dirty, Ids, Kind, Status, Ticket, Wake, Waiter, Wakes};
+use crate::waiters::{Dirty, Ids, Kind, Status, Ticket, Waiter, Wake, Wakes};
 use crate::Error;
 
 #[derive(Debug, Default)]
@@ -24,6 +24,8 @@ pub(crate) struct State {
     pub reg: Registry,
     pub waiters: HashMap<Ticket, Waiter>,
     pub next_ticket: Ticket,
+    /// Pumps run so far.
+    pub pumps: u64,
 }
 
 /// One acquisition, as the builders describe it.
@@ -45,6 +47,9 @@ pub(crate) enum Begin {
     Refused,
     /// Did not fit; queued.
     Queued(Ticket),
+    /// These missing limits must be created (and stored) first; then try
+    /// again.
+    Create(Vec<String>),
 }
 
 /// The outcome of a look at a queued waiter.
@@ -66,7 +71,6 @@ impl State {
         req: &Request<'_>,
         now: Instant,
         wake: Option<&dyn Fn() -> Wake>,
-        created: &mut Vec<String>,
     ) -> Result<Begin, Error> {
         if req.occupy == 0 {
             return Err(Error::InvalidOccupy { occupy: 0 });
@@ -109,12 +113,20 @@ impl State {
                 });
             }
         }
-        if req.create_if_missing {
+        if req.create_if_missing && !missing.is_empty() {
             // As Prefect's server did: inactive with limit 1, so the
-            // acquisition passes and an operator can configure it later.
-            for name in missing {
-                self.reg.insert(name, &LimitConfig::new(1).active(false), now);
-                created.push(name.to_string());
+            // acquisition passes and an operator can configure it later. They
+            // are inactive, so nothing is taken from them.
+            if !self.reg.persist {
+                for name in missing {
+                    self.reg
+                        .insert(name, &LimitConfig::new(1).active(false), now);
+                }
+            } else {
+                // A store must commit them first, outside this lock.
+                return Ok(Begin::Create(
+                    missing.iter().map(|n| n.to_string()).collect(),
+                ));
             }
         }
 
@@ -129,11 +141,13 @@ impl State {
                     Kind::Concurrency => slots.take_held(req.occupy),
                     Kind::RateLimit => slots.take_decaying(req.occupy, now),
                 }
+                self.reg.touch(id.idx);
             }
             return Ok(Begin::Taken(ids));
         }
         for id in &ids {
             self.reg.get_mut(id.idx).expect("looked up").denied += u64::from(req.occupy);
+            self.reg.touch(id.idx);
         }
         if req.max_retries == Some(0) {
             return Err(Error::RetriesExhausted {
@@ -153,6 +167,7 @@ impl State {
             names: req.names.joined(),
             attempts: 1,
             max_retries: req.max_retries,
+            counted_in: 0,
             status: Status::Queued,
             decay_at: None,
             wake: wake(),
@@ -171,7 +186,10 @@ impl State {
         wakes: &mut Wakes,
     ) -> Look {
         for _ in 0..2 {
-            let waiter = self.waiters.get_mut(&ticket).expect("looked at by its owner only");
+            let waiter = self
+                .waiters
+                .get_mut(&ticket)
+                .expect("looked at by its owner only");
             match waiter.status {
                 Status::Granted => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
@@ -179,7 +197,9 @@ impl State {
                 }
                 Status::Failed(_) => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
-                    let Status::Failed(err) = waiter.status else { unreachable!() };
+                    let Status::Failed(err) = waiter.status else {
+                        unreachable!()
+                    };
                     return Look::Done(Err(err));
                 }
                 Status::Queued => {}
@@ -219,7 +239,9 @@ impl State {
     /// A waiter gives up (its future was dropped): withdraw it if queued, or
     /// give back what was granted to it and not yet seen.
     pub fn abandon(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
-        let Some(waiter) = self.waiters.get(&ticket) else { return };
+        let Some(waiter) = self.waiters.get(&ticket) else {
+            return;
+        };
         match waiter.status {
             Status::Queued => self.withdraw(ticket, now, wakes),
             Status::Failed(_) => {
@@ -229,7 +251,9 @@ impl State {
                 let waiter = self.waiters.remove(&ticket).expect("present");
                 let mut dirty = Dirty::new();
                 for id in &waiter.ids {
-                    let Some(limit) = self.reg.resolve_mut(*id) else { continue };
+                    let Some(limit) = self.reg.resolve_mut(*id) else {
+                        continue;
+                    };
                     match waiter.kind {
                         Kind::Concurrency => limit.slots.give_back(waiter.occupy),
                         Kind::RateLimit => limit.slots.untake_decaying(waiter.occupy, now),
@@ -237,6 +261,7 @@ impl State {
                     if !limit.queue.is_empty() {
                         dirty.push((id.idx, false));
                     }
+                    self.reg.touch(id.idx);
                 }
                 self.pump(&mut dirty, now, wakes);
             }
@@ -258,7 +283,9 @@ impl State {
         let held_secs = held.as_secs_f64();
         for id in ids {
             // A deleted (or deleted and recreated) limit gets nothing back.
-            let Some(limit) = self.reg.resolve_mut(*id) else { continue };
+            let Some(limit) = self.reg.resolve_mut(*id) else {
+                continue;
+            };
             limit.slots.give_back(occupy);
             limit.record_occupancy(held_secs, occupy);
             if let Some(names) = names.as_deref_mut() {
@@ -267,13 +294,15 @@ impl State {
             if !limit.queue.is_empty() {
                 dirty.push((id.idx, true));
             }
+            self.reg.touch(id.idx);
         }
         if !dirty.is_empty() {
             self.pump(&mut dirty, now, wakes);
         }
     }
 
-    pub fn create(&mut self, name: &str, config: &LimitConfig, now: Instant) -> Result<LimitInfo, Error> {
+    /// Whether `create` would succeed.
+    pub fn check_create(&self, name: &str, config: &LimitConfig) -> Result<(), Error> {
         validate_name(name)?;
         config.validate(name)?;
         if self.reg.lookup(name).is_some() {
@@ -281,7 +310,42 @@ impl State {
                 name: name.to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// A limit's configuration now.
+    pub fn config(&self, name: &str) -> Result<LimitConfig, Error> {
+        let limit = self.reg.get(self.find(name)?).expect("found");
+        Ok(LimitConfig::new(limit.slots.limit)
+            .active(limit.active)
+            .slot_decay_per_second(limit.slots.rate()))
+    }
+
+    /// The configuration `update` would give a limit (validated).
+    pub fn updated_config(&self, name: &str, update: &LimitUpdate) -> Result<LimitConfig, Error> {
+        update.validate(name)?;
+        let mut config = self.config(name)?;
+        if let Some(limit) = update.limit {
+            config.limit = limit;
+        }
+        if let Some(active) = update.active {
+            config.active = active;
+        }
+        if let Some(rate) = update.slot_decay_per_second {
+            config.slot_decay_per_second = rate;
+        }
+        Ok(config)
+    }
+
+    pub fn create(
+        &mut self,
+        name: &str,
+        config: &LimitConfig,
+        now: Instant,
+    ) -> Result<LimitInfo, Error> {
+        self.check_create(name, config)?;
         let idx = self.reg.insert(name, config, now);
+        self.reg.touch(idx);
         Ok(self.reg.get(idx).expect("inserted").info(now))
     }
 
@@ -306,6 +370,7 @@ impl State {
             limit.active = active;
         }
         let active = limit.active;
+        self.reg.touch(idx);
         let mut dirty = Dirty::new();
         if was_active && !active {
             // Deactivated: its waiters stop waiting for it.
@@ -327,11 +392,17 @@ impl State {
         Ok(())
     }
 
-    pub fn reset(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<LimitInfo, Error> {
+    pub fn reset(
+        &mut self,
+        name: &str,
+        now: Instant,
+        wakes: &mut Wakes,
+    ) -> Result<LimitInfo, Error> {
         let idx = self.find(name)?;
         let limit = self.reg.get_mut(idx).expect("found");
         limit.slots.reset_decaying(now);
         limit.denied = 0;
+        self.reg.touch(idx);
         let mut dirty: Dirty = SmallVec::from_elem((idx, true), 1);
         self.pump(&mut dirty, now, wakes);
         Ok(self.reg.get(idx).expect("found").info(now))

@@ -74,7 +74,9 @@ impl Timer {
             }
             if !fired.is_empty() {
                 // Wake outside the lock: a waker may run the task inline.
-                parking_lot::MutexGuard::unlocked(&mut d, || fired.into_iter().for_each(Waker::wake));
+                parking_lot::MutexGuard::unlocked(&mut d, || {
+                    fired.into_iter().for_each(Waker::wake)
+                });
                 continue;
             }
             match d.due.keys().next() {

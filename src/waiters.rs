@@ -86,6 +86,8 @@ pub(crate) struct Waiter {
     /// Attempts made so far (the first included).
     pub attempts: u32,
     pub max_retries: Option<u32>,
+    /// The last pump that counted a retry for it.
+    pub counted_in: u64,
     pub status: Status,
     /// When decay alone will let it fit, if that is all it waits for.
     pub decay_at: Option<Instant>,
@@ -119,7 +121,7 @@ impl State {
             // Only if time moved between the first attempt and now.
             Fit::Yes => {
                 let (mut dirty, mut wakes) = (Dirty::new(), Wakes::new());
-                self.grant(ticket, now, &mut dirty, &mut wakes);
+                self.grant(ticket, now, now, &mut dirty, &mut wakes);
                 self.pump(&mut dirty, now, &mut wakes);
                 debug_assert!(wakes.len() <= 1, "nobody else can have been let in");
             }
@@ -130,21 +132,27 @@ impl State {
     /// Re-examines the waiters of the dirty limits, granting every one that
     /// now fits and failing those out of retries.
     pub fn pump(&mut self, dirty: &mut Dirty, now: Instant, wakes: &mut Wakes) {
+        // One change is one retry, however many of a waiter's limits it
+        // touched.
+        self.pumps += 1;
+        let pump = self.pumps;
         while let Some((idx, counts)) = dirty.pop() {
             let mut pos = 0;
             let mut reserved = 0u64;
-            loop {
-                let Some(limit) = self.reg.get(idx) else { break };
-                let Some(&q) = limit.queue.get(pos) else { break };
+            while let Some(limit) = self.reg.get(idx) {
+                let Some(&q) = limit.queue.get(pos) else {
+                    break;
+                };
                 if !limit.slots.fits_held(reserved, q.occupy) {
                     // Everyone behind needs at least as much: stop here.
                     break;
                 }
                 match self.fit(q.ticket, now) {
-                    Fit::Yes => self.grant(q.ticket, now, dirty, wakes),
+                    Fit::Yes => self.grant(q.ticket, now, now, dirty, wakes),
                     Fit::No { decay_at } => {
                         let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
-                        if counts {
+                        if counts && waiter.counted_in != pump {
+                            waiter.counted_in = pump;
                             waiter.attempts += 1;
                             if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
                                 let err = Error::RetriesExhausted {
@@ -178,7 +186,15 @@ impl State {
     pub fn retry(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
         let mut dirty = Dirty::new();
         match self.fit(ticket, now) {
-            Fit::Yes => self.grant(ticket, now, &mut dirty, wakes),
+            Fit::Yes => {
+                // It fitted at its decay instant: charge it from then, not from
+                // the moment its (late) timer fired, so timer slack costs no
+                // pace. Its `decay_at` is fresh: any change that could have
+                // made it stale and then undone would have pumped it.
+                let waiter = &self.waiters[&ticket];
+                let since = waiter.decay_at.filter(|&t| t <= now).unwrap_or(now);
+                self.grant(ticket, since, now, &mut dirty, wakes)
+            }
             Fit::No { decay_at } => {
                 let waiter = self.waiters.get_mut(&ticket).expect("queued");
                 waiter.attempts += 1;
@@ -227,11 +243,17 @@ impl State {
     }
 
     /// Takes the waiter's slots on all its limits at once and wakes it.
-    fn grant(&mut self, ticket: Ticket, now: Instant, dirty: &mut Dirty, wakes: &mut Wakes) {
+    /// Decaying slots are charged from `since` (at most `now`).
+    fn grant(
+        &mut self,
+        ticket: Ticket,
+        since: Instant,
+        now: Instant,
+        dirty: &mut Dirty,
+        wakes: &mut Wakes,
+    ) {
+        debug_assert!(since <= now);
         let waiter = self.waiters.get_mut(&ticket).expect("queued");
-        // A waiter that fitted by decay at `decay_at` is charged from then,
-        // not from the moment its (late) timer fired.
-        let since = waiter.decay_at.filter(|&t| t <= now).unwrap_or(now);
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.dequeue(ticket);
@@ -246,6 +268,9 @@ impl State {
                     }
                 }
             }
+        }
+        for id in &waiter.ids {
+            self.reg.touch(id.idx);
         }
         waiter.status = Status::Granted;
         wakes.push(waiter.wake.clone());
@@ -266,7 +291,9 @@ impl State {
     /// Takes a queued waiter out of every queue (it timed out or was
     /// cancelled) and lets those behind it move up.
     pub fn withdraw(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
-        let Some(waiter) = self.waiters.remove(&ticket) else { return };
+        let Some(waiter) = self.waiters.remove(&ticket) else {
+            return;
+        };
         debug_assert!(matches!(waiter.status, Status::Queued));
         let mut dirty = Dirty::new();
         for id in &waiter.ids {
@@ -280,7 +307,9 @@ impl State {
     /// Drops limit `idx` from the needs of every waiter queued on it (it was
     /// deactivated or deleted); strict waiters fail when it is deleted.
     pub fn forget_limit(&mut self, idx: u32, deleted: bool, dirty: &mut Dirty, wakes: &mut Wakes) {
-        let Some(limit) = self.reg.get_mut(idx) else { return };
+        let Some(limit) = self.reg.get_mut(idx) else {
+            return;
+        };
         let queue = std::mem::take(&mut limit.queue);
         limit.queued_occupy = 0;
         let name = limit.name.to_string();
@@ -302,8 +331,14 @@ impl State {
 
     /// Fails the waiters of `idx` that can never fit its new configuration.
     pub fn fail_impossible(&mut self, idx: u32, dirty: &mut Dirty, wakes: &mut Wakes) {
-        let Some(limit) = self.reg.get(idx) else { return };
-        let (cap, no_decay, name) = (limit.slots.limit, limit.slots.rate() <= 0.0, limit.name.clone());
+        let Some(limit) = self.reg.get(idx) else {
+            return;
+        };
+        let (cap, no_decay, name) = (
+            limit.slots.limit,
+            limit.slots.rate() <= 0.0,
+            limit.name.clone(),
+        );
         let doomed: SmallVec<[(Ticket, Error); 2]> = limit
             .queue
             .iter()
@@ -319,7 +354,12 @@ impl State {
                         },
                     ))
                 } else if no_decay && waiter.kind == Kind::RateLimit {
-                    Some((q.ticket, Error::NoSlotDecay { name: name.to_string() }))
+                    Some((
+                        q.ticket,
+                        Error::NoSlotDecay {
+                            name: name.to_string(),
+                        },
+                    ))
                 } else {
                     None
                 }

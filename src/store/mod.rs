@@ -1,0 +1,463 @@
+//! The SQLite store: limit definitions committed before each change returns,
+//! slot state written behind by one thread, one owner per file.
+//!
+//! * [`schema`]: tables, recognising a store, migrations.
+//! * [`owner`]: the OS lock that makes one live limiter the owner.
+//! * [`writer`]: the write-behind thread, which also picks up definitions
+//!   that other processes (the CLI) committed.
+
+pub(crate) mod owner;
+pub(crate) mod schema;
+pub(crate) mod writer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use crate::config::{LimitConfig, LimitUpdate};
+use crate::state::State;
+use crate::waiters::Wakes;
+use crate::Error;
+use schema::{Definition, Found, SlotRow};
+
+/// Wall-clock seconds since the Unix epoch; 0 for a clock before it.
+pub(crate) fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub(crate) fn storage_err(
+    path: &Path,
+    message: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    Error::Storage {
+        path: path.display().to_string(),
+        message: format!("{message}: {source}"),
+        source: Some(Box::new(source)),
+    }
+}
+
+/// A change to one limit's definition, as the store records it.
+#[derive(Debug, Clone)]
+pub(crate) enum Change {
+    Create(LimitConfig),
+    Update(LimitConfig),
+    Delete,
+    Reset,
+}
+
+/// The owner's connection and what it knows the file holds.
+pub(crate) struct Db {
+    pub path: PathBuf,
+    pub conn: Connection,
+    /// Definitions as last read or written by this owner: the base against
+    /// which other processes' edits are detected.
+    pub known: HashMap<String, Definition>,
+    /// `PRAGMA data_version` when `known` was last brought up to date.
+    pub data_version: i64,
+}
+
+impl Db {
+    fn err(&self, message: &str, e: rusqlite::Error) -> Error {
+        storage_err(&self.path, message, e)
+    }
+
+    /// Commits one definition change; on success `known` follows it.
+    pub fn commit(&mut self, name: &str, change: &Change) -> Result<(), Error> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| storage_err(&self.path, "cannot begin a transaction", e))?;
+        let def = match change {
+            Change::Create(config) => {
+                let def = definition(config, 0);
+                schema::insert_definition(&tx, name, &def).map(|_| Some(def))
+            }
+            Change::Update(config) => {
+                let resets = self.known.get(name).map_or(0, |d| d.reset_count);
+                let def = definition(config, resets);
+                schema::update_definition(&tx, name, &def).map(|_| Some(def))
+            }
+            Change::Delete => schema::delete_definition(&tx, name).map(|_| None),
+            Change::Reset => {
+                let mut def = self.known.get(name).cloned();
+                if let Some(def) = def.as_mut() {
+                    def.reset_count += 1;
+                }
+                let written = match &def {
+                    Some(d) => schema::update_definition(&tx, name, d).map(|_| ()),
+                    None => Ok(()),
+                };
+                written
+                    .and_then(|_| schema::reset_slots(&tx, name))
+                    .map(|_| def)
+            }
+        };
+        let def =
+            def.map_err(|e| storage_err(&self.path, &format!("cannot save limit {name:?}"), e))?;
+        tx.commit()
+            .map_err(|e| storage_err(&self.path, "cannot commit", e))?;
+        match def {
+            Some(def) => self.known.insert(name.to_string(), def),
+            None => self.known.remove(name),
+        };
+        Ok(())
+    }
+
+    /// Applies definitions committed by other processes since the last look.
+    pub fn pull(&mut self, state: &Mutex<State>) -> Result<(), Error> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err("cannot read data_version", e))?;
+        if version == self.data_version {
+            return Ok(());
+        }
+        let rows =
+            schema::definitions(&self.conn).map_err(|e| self.err("cannot read limits", e))?;
+        self.data_version = version;
+        let now = Instant::now();
+        let mut wakes = Wakes::new();
+        {
+            let mut state = state.lock();
+            let mut seen = HashMap::with_capacity(rows.len());
+            for (name, def) in rows {
+                let old = self.known.get(&name);
+                if old != Some(&def) {
+                    let update = LimitUpdate::new()
+                        .limit(def.limit)
+                        .active(def.active)
+                        .slot_decay_per_second(def.slot_decay_per_second);
+                    // Values the CLI validated; a hand edit that is invalid is
+                    // skipped rather than trusted.
+                    let applied = if state.reg.lookup(&name).is_none() {
+                        state.create(&name, &config_of(&def), now).map(|_| ())
+                    } else {
+                        state.update(&name, &update, now, &mut wakes).map(|_| ())
+                    };
+                    if applied.is_ok() && old.is_some_and(|o| o.reset_count != def.reset_count) {
+                        let _ = state.reset(&name, now, &mut wakes);
+                    }
+                }
+                seen.insert(name, def);
+            }
+            for name in self.known.keys() {
+                if !seen.contains_key(name) {
+                    let _ = state.delete(name, now, &mut wakes);
+                }
+            }
+            self.known = seen;
+        }
+        crate::limiter::deliver(wakes);
+        Ok(())
+    }
+
+    /// Writes the slot state of every limit changed since the last sweep, in
+    /// one transaction.
+    pub fn save(&mut self, state: &Mutex<State>) -> Result<usize, Error> {
+        let rows: Vec<(Arc<str>, SlotRow)> = {
+            let mut state = state.lock();
+            let unsaved = state.reg.take_unsaved();
+            if unsaved.is_empty() {
+                return Ok(0);
+            }
+            let now = Instant::now();
+            let at = unix_now();
+            unsaved
+                .into_iter()
+                .filter_map(|idx| state.reg.get(idx))
+                .map(|l| {
+                    let row = SlotRow {
+                        held_slots: l.slots.held,
+                        decaying_slots: l.slots.decaying(now),
+                        decaying_at: at,
+                        denied_slots: l.denied,
+                        avg_slot_occupancy_seconds: l.avg_occupancy,
+                        waiters: l.queue.len() as u64,
+                    };
+                    (l.name.clone(), row)
+                })
+                .collect()
+        };
+        let written = (|| {
+            let tx = self.conn.transaction()?;
+            for (name, row) in &rows {
+                schema::save_slots(&tx, name, row)?;
+            }
+            tx.commit()
+        })();
+        match written {
+            Ok(()) => Ok(rows.len()),
+            Err(e) => {
+                // Not lost: they go out with the next sweep.
+                let mut state = state.lock();
+                for (name, _) in &rows {
+                    if let Some(idx) = state.reg.lookup(name) {
+                        state.reg.touch(idx);
+                    }
+                }
+                Err(self.err("cannot save slot state", e))
+            }
+        }
+    }
+}
+
+fn definition(config: &LimitConfig, reset_count: i64) -> Definition {
+    Definition {
+        limit: config.limit,
+        active: config.active,
+        slot_decay_per_second: config.slot_decay_per_second,
+        reset_count,
+    }
+}
+
+fn config_of(def: &Definition) -> LimitConfig {
+    LimitConfig::new(def.limit)
+        .active(def.active)
+        .slot_decay_per_second(def.slot_decay_per_second)
+}
+
+/// What the limiter and the writer thread share.
+pub(crate) struct Persist {
+    pub db: Mutex<Db>,
+    pub state: Arc<Mutex<State>>,
+}
+
+/// An open store, owned by one limiter (and all its clones).
+pub(crate) struct Store {
+    pub persist: Arc<Persist>,
+    to_writer: Sender<writer::Msg>,
+    writer: Option<JoinHandle<()>>,
+    /// Held for the owner's life; the OS drops it if the process dies.
+    _owner: File,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` for `state`, which must be empty.
+    pub fn open(
+        path: &Path,
+        flush_interval: Duration,
+        state: Arc<Mutex<State>>,
+    ) -> Result<Store, Error> {
+        // Judge the file before anything is created beside it or written to it.
+        if schema::sniff(path)?.is_some_and(|len| len > 0) {
+            schema::inspect(&open_for_reading(path)?, path)?;
+        }
+        let owner = owner::claim(path)?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| storage_err(path, "cannot open the database", e))?;
+        // Under the lock now: judge again, in case it changed meanwhile.
+        let found = schema::inspect(&conn, path)?;
+        let mut db = Db {
+            path: path.to_path_buf(),
+            conn,
+            known: HashMap::new(),
+            data_version: 0,
+        };
+        db.prepare(found)?;
+        db.restore(&state)?;
+
+        let persist = Arc::new(Persist {
+            db: Mutex::new(db),
+            state,
+        });
+        let (to_writer, writer) = writer::spawn(persist.clone(), flush_interval)
+            .map_err(|e| storage_err(path, "cannot start the writer thread", e))?;
+        Ok(Store {
+            persist,
+            to_writer,
+            writer: Some(writer),
+            _owner: owner,
+        })
+    }
+
+    /// Blocks until everything so far is written.
+    pub fn flush(&self) -> Result<(), Error> {
+        let (ack, done) = crossbeam_channel::bounded(1);
+        let gone = || Error::Storage {
+            path: self.persist.db.lock().path.display().to_string(),
+            message: "the writer thread has stopped".into(),
+            source: None,
+        };
+        self.to_writer
+            .send(writer::Msg::Flush(ack))
+            .map_err(|_| gone())?;
+        done.recv().map_err(|_| gone())?
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.to_writer.send(writer::Msg::Stop);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Db {
+    /// Makes the file a current store: creates the schema or migrates, in one
+    /// transaction, and records this process as the owner. Only called once
+    /// [`schema::inspect`] accepted the file.
+    fn prepare(&mut self, found: Found) -> Result<(), Error> {
+        let path = self.path.clone();
+        let err = |what: &str, e| storage_err(&path, what, e);
+        self.conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(|e| err("cannot set a busy timeout", e))?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| err("cannot switch to WAL", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Storage {
+                path: path.display().to_string(),
+                message: format!("cannot switch to WAL (journal mode stays {mode})"),
+                source: None,
+            });
+        }
+        // Survives a crash of the process; a power cut may lose the last
+        // commits.
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+            .map_err(|e| err("cannot configure the connection", e))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| err("cannot begin a transaction", e))?;
+        match found {
+            Found::Nothing => {
+                schema::create(&tx).map_err(|e| err("cannot create the schema", e))?
+            }
+            Found::Store { version } if version < schema::VERSION => schema::migrate(&tx, version)
+                .map_err(|e| err(&format!("cannot migrate from version {version}"), e))?,
+            Found::Store { .. } => {}
+        }
+        // Slots held by guards of a process that ended are free again.
+        tx.execute("UPDATE slot_state SET held_slots = 0, waiters = 0", [])
+            .map_err(|e| err("cannot free the previous owner's slots", e))?;
+        schema::set_owner_pid(&tx, Some(std::process::id()))
+            .map_err(|e| err("cannot record the owner", e))?;
+        tx.commit().map_err(|e| err("cannot commit", e))?;
+        self.data_version = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| err("cannot read data_version", e))?;
+        Ok(())
+    }
+
+    /// Loads every limit into `state`, decaying slots drained by the wall
+    /// time that passed since they were written.
+    fn restore(&mut self, state: &Mutex<State>) -> Result<(), Error> {
+        let rows = schema::load(&self.conn).map_err(|e| self.err("cannot read limits", e))?;
+        let now = Instant::now();
+        let wall = unix_now();
+        let mut state = state.lock();
+        for (name, def, slots) in rows {
+            let config = config_of(&def);
+            if crate::config::validate_name(&name).is_err() || config.validate(&name).is_err() {
+                return Err(Error::Storage {
+                    path: self.path.display().to_string(),
+                    message: format!("limit {name:?} in the store is invalid: {def:?}"),
+                    source: None,
+                });
+            }
+            let idx = state.reg.insert(&name, &config, now);
+            if let Some(row) = slots {
+                let limit = state.reg.get_mut(idx).expect("inserted");
+                limit.denied = row.denied_slots;
+                if row.avg_slot_occupancy_seconds.is_finite()
+                    && row.avg_slot_occupancy_seconds >= 0.0
+                {
+                    limit.avg_occupancy = row.avg_slot_occupancy_seconds;
+                }
+                limit.slots.restore_decaying(
+                    drained(
+                        row.decaying_slots,
+                        row.decaying_at,
+                        def.slot_decay_per_second,
+                        wall,
+                    ),
+                    now,
+                );
+            }
+            self.known.insert(name, def);
+        }
+        Ok(())
+    }
+}
+
+/// A connection that only reads, and does not even checkpoint a foreign
+/// database's WAL when it closes.
+pub(crate) fn open_for_reading(path: &Path) -> Result<Connection, Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage_err(path, "cannot open the database", e))?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .and_then(|_| conn.pragma_update(None, "query_only", true))
+    .map_err(|e| storage_err(path, "cannot open the database for reading", e))?;
+    Ok(conn)
+}
+
+/// Decaying slots left of `slots` measured at Unix time `at`, at `now`. A
+/// clock that went backwards (or a timestamp in the future) drains nothing;
+/// nonsense values count as nothing left.
+pub(crate) fn drained(slots: f64, at: f64, rate: f64, now: f64) -> f64 {
+    if !slots.is_finite() || slots <= 0.0 {
+        return 0.0;
+    }
+    let elapsed = now - at;
+    let elapsed = if elapsed.is_finite() {
+        elapsed.max(0.0)
+    } else {
+        0.0
+    };
+    (slots - rate * elapsed).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::drained;
+
+    #[test]
+    fn drained_by_wall_time() {
+        assert_eq!(drained(10.0, 100.0, 2.0, 103.0), 4.0);
+        assert_eq!(
+            drained(10.0, 100.0, 2.0, 1e9),
+            0.0,
+            "far forward drains all"
+        );
+        assert_eq!(
+            drained(10.0, 100.0, 2.0, 50.0),
+            10.0,
+            "backwards drains nothing"
+        );
+        assert_eq!(drained(10.0, f64::NAN, 2.0, 50.0), 10.0);
+        assert_eq!(drained(f64::NAN, 100.0, 2.0, 103.0), 0.0);
+        assert_eq!(
+            drained(10.0, 100.0, 0.0, 1e9),
+            10.0,
+            "no decay, no draining"
+        );
+    }
+}

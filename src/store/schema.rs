@@ -1,0 +1,304 @@
+//! The store's schema, how a file is recognised as a turnstile store, and
+//! the migrations that bring an older store forward.
+//!
+//! A store is identified by `PRAGMA application_id` and versioned by
+//! `PRAGMA user_version`. Every check happens before anything is written, so a
+//! file that is not a turnstile store (or is newer than this build) is left
+//! byte-for-byte as it was.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use rusqlite::{Connection, Transaction};
+
+use super::storage_err;
+use crate::Error;
+
+/// `application_id` of every turnstile store: "trns".
+pub const APPLICATION_ID: i32 = 0x7472_6e73;
+
+/// The schema version this build writes.
+pub const VERSION: i32 = 2;
+
+/// Version 1: definitions and write-behind slot state.
+pub const SCHEMA_V1: &str = r#"
+CREATE TABLE limits (
+    name                  TEXT PRIMARY KEY NOT NULL,
+    "limit"               INTEGER NOT NULL CHECK ("limit" >= 0 AND "limit" <= 4294967295),
+    active                INTEGER NOT NULL CHECK (active IN (0, 1)),
+    slot_decay_per_second REAL NOT NULL CHECK (slot_decay_per_second >= 0)
+) WITHOUT ROWID;
+CREATE TABLE slot_state (
+    name                       TEXT PRIMARY KEY NOT NULL REFERENCES limits(name) ON DELETE CASCADE,
+    held_slots                 INTEGER NOT NULL DEFAULT 0,
+    decaying_slots             REAL NOT NULL DEFAULT 0,
+    decaying_at                REAL NOT NULL DEFAULT 0,
+    denied_slots               INTEGER NOT NULL DEFAULT 0,
+    avg_slot_occupancy_seconds REAL NOT NULL DEFAULT 2.0,
+    waiters                    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"#;
+
+/// Version 2: a revision per definition (so the owner notices edits made by
+/// other processes), a reset counter, and the owner's process id.
+const MIGRATE_V1_TO_V2: &str = r#"
+ALTER TABLE limits ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE limits ADD COLUMN reset_count INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value
+) WITHOUT ROWID;
+"#;
+
+/// What a path holds, judged without writing to it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// No file, or an empty one: a new store goes there.
+    Nothing,
+    /// A turnstile store of this version or an older one.
+    Store { version: i32 },
+}
+
+/// The 16 bytes every SQLite database starts with.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Reads a file's first bytes to tell SQLite from anything else, before
+/// SQLite is let near it.
+pub fn sniff(path: &Path) -> Result<Option<u64>, Error> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(storage_err(path, "cannot open the file", e)),
+    };
+    let len = file
+        .metadata()
+        .map_err(|e| storage_err(path, "cannot read the file's metadata", e))?
+        .len();
+    if len == 0 {
+        return Ok(Some(0));
+    }
+    let mut magic = [0u8; 16];
+    let read = file
+        .read(&mut magic)
+        .map_err(|e| storage_err(path, "cannot read the file", e))?;
+    if read < magic.len() || &magic != SQLITE_MAGIC {
+        return Err(Error::Storage {
+            path: path.display().to_string(),
+            message: format!("not a turnstile store: not an SQLite database ({len} bytes)"),
+            source: None,
+        });
+    }
+    Ok(Some(len))
+}
+
+/// Judges an open SQLite database by reading only.
+pub fn inspect(conn: &Connection, path: &Path) -> Result<Found, Error> {
+    let err = |e| storage_err(path, "cannot read the database", e);
+    let app_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(err)?;
+    let version: i32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(err)?;
+    let objects: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(err)?;
+    let foreign = |what: String| Error::Storage {
+        path: path.display().to_string(),
+        message: format!("not a turnstile store: {what}"),
+        source: None,
+    };
+    if app_id == 0 && version == 0 && objects == 0 {
+        return Ok(Found::Nothing);
+    }
+    if app_id != APPLICATION_ID {
+        return Err(foreign(format!(
+            "an SQLite database of another application (application_id {app_id}, {objects} schema objects)"
+        )));
+    }
+    if version > VERSION {
+        return Err(Error::Storage {
+            path: path.display().to_string(),
+            message: format!(
+                "store version {version} is newer than this turnstile supports ({VERSION}); upgrade turnstile"
+            ),
+            source: None,
+        });
+    }
+    if version < 1 {
+        return Err(foreign(format!(
+            "turnstile application id but version {version}"
+        )));
+    }
+    Ok(Found::Store { version })
+}
+
+/// Creates the current schema in an empty database, in one transaction.
+pub fn create(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(SCHEMA_V1)?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    migrate(tx, 1)
+}
+
+/// Brings a store of `from` forward to [`VERSION`], inside the caller's
+/// transaction (so a failed migration leaves the old store as it was).
+pub fn migrate(tx: &Transaction<'_>, from: i32) -> rusqlite::Result<()> {
+    if from < 2 {
+        tx.execute_batch(MIGRATE_V1_TO_V2)?;
+    }
+    tx.pragma_update(None, "user_version", VERSION)?;
+    Ok(())
+}
+
+/// A limit's definition as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    pub limit: u32,
+    pub active: bool,
+    pub slot_decay_per_second: f64,
+    pub reset_count: i64,
+}
+
+/// A limit's slot state as the owner last wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotRow {
+    pub held_slots: u64,
+    pub decaying_slots: f64,
+    /// Unix time, in seconds, that `decaying_slots` was measured at.
+    pub decaying_at: f64,
+    pub denied_slots: u64,
+    pub avg_slot_occupancy_seconds: f64,
+    pub waiters: u64,
+}
+
+/// Every definition, with its slot state if any, sorted by name.
+pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Option<SlotRow>)>> {
+    let mut stmt = conn.prepare(
+        r#"SELECT l.name, l."limit", l.active, l.slot_decay_per_second, l.reset_count,
+                  s.held_slots, s.decaying_slots, s.decaying_at, s.denied_slots,
+                  s.avg_slot_occupancy_seconds, s.waiters
+           FROM limits l LEFT JOIN slot_state s ON s.name = l.name
+           ORDER BY l.name"#,
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let def = Definition {
+            limit: r.get(1)?,
+            active: r.get(2)?,
+            slot_decay_per_second: r.get(3)?,
+            reset_count: r.get(4)?,
+        };
+        let slots = match r.get::<_, Option<i64>>(5)? {
+            None => None,
+            Some(held) => Some(SlotRow {
+                held_slots: held.max(0) as u64,
+                decaying_slots: r.get(6)?,
+                decaying_at: r.get(7)?,
+                denied_slots: r.get::<_, i64>(8)?.max(0) as u64,
+                avg_slot_occupancy_seconds: r.get(9)?,
+                waiters: r.get::<_, i64>(10)?.max(0) as u64,
+            }),
+        };
+        Ok((r.get(0)?, def, slots))
+    })?;
+    rows.collect()
+}
+
+/// Every definition, keyed by name (what the owner compares against to see
+/// what other processes changed).
+pub fn definitions(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition)>> {
+    let mut stmt = conn.prepare_cached(
+        r#"SELECT name, "limit", active, slot_decay_per_second, reset_count FROM limits"#,
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            Definition {
+                limit: r.get(1)?,
+                active: r.get(2)?,
+                slot_decay_per_second: r.get(3)?,
+                reset_count: r.get(4)?,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+pub fn insert_definition(tx: &Connection, name: &str, def: &Definition) -> rusqlite::Result<()> {
+    tx.execute(
+        r#"INSERT INTO limits (name, "limit", active, slot_decay_per_second, reset_count, revision)
+           VALUES (?1, ?2, ?3, ?4, ?5, 0)"#,
+        rusqlite::params![
+            name,
+            def.limit,
+            def.active,
+            def.slot_decay_per_second,
+            def.reset_count
+        ],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO slot_state (name, decaying_at) VALUES (?1, ?2)",
+        rusqlite::params![name, super::unix_now()],
+    )?;
+    Ok(())
+}
+
+pub fn update_definition(tx: &Connection, name: &str, def: &Definition) -> rusqlite::Result<usize> {
+    tx.execute(
+        r#"UPDATE limits SET "limit" = ?2, active = ?3, slot_decay_per_second = ?4,
+                             reset_count = ?5, revision = revision + 1
+           WHERE name = ?1"#,
+        rusqlite::params![
+            name,
+            def.limit,
+            def.active,
+            def.slot_decay_per_second,
+            def.reset_count
+        ],
+    )
+}
+
+pub fn delete_definition(tx: &Connection, name: &str) -> rusqlite::Result<usize> {
+    tx.execute("DELETE FROM slot_state WHERE name = ?1", [name])?;
+    tx.execute("DELETE FROM limits WHERE name = ?1", [name])
+}
+
+/// Zeroes the stored decaying and denied slots (a reset).
+pub fn reset_slots(tx: &Connection, name: &str) -> rusqlite::Result<usize> {
+    tx.execute(
+        "UPDATE slot_state SET decaying_slots = 0, denied_slots = 0 WHERE name = ?1",
+        [name],
+    )
+}
+
+/// Writes one limit's slot state, if the limit is still defined.
+pub fn save_slots(tx: &Connection, name: &str, row: &SlotRow) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        r#"INSERT INTO slot_state (name, held_slots, decaying_slots, decaying_at, denied_slots,
+                                   avg_slot_occupancy_seconds, waiters)
+           SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (SELECT 1 FROM limits WHERE name = ?1)
+           ON CONFLICT (name) DO UPDATE SET
+               held_slots = excluded.held_slots, decaying_slots = excluded.decaying_slots,
+               decaying_at = excluded.decaying_at, denied_slots = excluded.denied_slots,
+               avg_slot_occupancy_seconds = excluded.avg_slot_occupancy_seconds,
+               waiters = excluded.waiters"#,
+    )?;
+    stmt.execute(rusqlite::params![
+        name,
+        row.held_slots.min(i64::MAX as u64) as i64,
+        row.decaying_slots,
+        row.decaying_at,
+        row.denied_slots.min(i64::MAX as u64) as i64,
+        row.avg_slot_occupancy_seconds,
+        row.waiters.min(i64::MAX as u64) as i64,
+    ])?;
+    Ok(())
+}
+
+pub fn set_owner_pid(tx: &Connection, pid: Option<u32>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('owner_pid', ?1)",
+        [pid],
+    )?;
+    Ok(())
+}
