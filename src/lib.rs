@@ -93,6 +93,7 @@ pub use event::Event;
 pub use guard::ConcurrencyGuard;
 pub use limiter::{Limiter, LimiterBuilder, DEFAULT_FLUSH_INTERVAL};
 pub use names::{IntoNames, Names};
+pub use store::admin::Admin;
 
 /// Compile-time checks of the auto traits the contract promises.
 #[allow(dead_code)]

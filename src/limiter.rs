@@ -193,7 +193,10 @@ impl Limiter {
     pub fn update_limit(&self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
         self.change(
             name,
-            |state| Ok(Change::Update(state.updated_config(name, &update)?)),
+            |state| {
+                state.updated_config(name, &update)?;
+                Ok(Change::Update(update.clone()))
+            },
             |state, now, wakes| state.update(name, &update, now, wakes),
         )
     }

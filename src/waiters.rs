@@ -112,6 +112,7 @@ impl State {
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.enqueue(ticket, waiter.occupy);
+            self.reg.touch(id.idx);
         }
         self.waiters.insert(ticket, waiter);
         match self.fit(ticket, now) {
@@ -283,6 +284,7 @@ impl State {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.dequeue(ticket);
             dirty.push((id.idx, false));
+            self.reg.touch(id.idx);
         }
         waiter.status = Status::Failed(err);
         wakes.push(waiter.wake.clone());
@@ -300,6 +302,7 @@ impl State {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.dequeue(ticket);
             dirty.push((id.idx, false));
+            self.reg.touch(id.idx);
         }
         self.pump(&mut dirty, now, wakes);
     }

@@ -6,6 +6,7 @@
 //! * [`writer`]: the write-behind thread, which also picks up definitions
 //!   that other processes (the CLI) committed.
 
+pub(crate) mod admin;
 pub(crate) mod owner;
 pub(crate) mod schema;
 pub(crate) mod writer;
@@ -51,7 +52,7 @@ pub(crate) fn storage_err(
 #[derive(Debug, Clone)]
 pub(crate) enum Change {
     Create(LimitConfig),
-    Update(LimitConfig),
+    Update(LimitUpdate),
     Delete,
     Reset,
 }
@@ -72,45 +73,63 @@ impl Db {
         storage_err(&self.path, message, e)
     }
 
-    /// Commits one definition change; on success `known` follows it.
+    /// Commits one definition change. `known` then records what memory will
+    /// hold once the caller applies the change (not the row read back, which
+    /// may hold another process's edit: `pull` must still see that one).
     pub fn commit(&mut self, name: &str, change: &Change) -> Result<(), Error> {
+        let path = self.path.clone();
+        let failed = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ConstraintViolation)
+                if matches!(change, Change::Create(_)) =>
+            {
+                Error::AlreadyExists {
+                    name: name.to_string(),
+                }
+            }
+            _ => storage_err(&path, &format!("cannot save limit {name:?}"), e),
+        };
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| storage_err(&self.path, "cannot begin a transaction", e))?;
-        let def = match change {
+            .map_err(failed)?;
+        let changed = match change {
             Change::Create(config) => {
-                let def = definition(config, 0);
-                schema::insert_definition(&tx, name, &def).map(|_| Some(def))
+                schema::insert_definition(&tx, name, &definition(config, 0)).map(|_| 1)
             }
-            Change::Update(config) => {
-                let resets = self.known.get(name).map_or(0, |d| d.reset_count);
-                let def = definition(config, resets);
-                schema::update_definition(&tx, name, &def).map(|_| Some(def))
+            Change::Update(update) => schema::update_definition(&tx, name, update),
+            Change::Delete => schema::delete_definition(&tx, name).map(|_| 1),
+            Change::Reset => schema::reset_definition(&tx, name),
+        }
+        .map_err(failed)?;
+        if changed == 0 {
+            // Another process deleted it; our next pull deletes it here too.
+            return Err(Error::NotFound {
+                name: name.to_string(),
+            });
+        }
+        tx.commit().map_err(failed)?;
+        match change {
+            Change::Create(config) => {
+                self.known.insert(name.to_string(), definition(config, 0));
             }
-            Change::Delete => schema::delete_definition(&tx, name).map(|_| None),
+            Change::Update(update) => {
+                if let Some(def) = self.known.get_mut(name) {
+                    def.limit = update.limit.unwrap_or(def.limit);
+                    def.active = update.active.unwrap_or(def.active);
+                    def.slot_decay_per_second = update
+                        .slot_decay_per_second
+                        .unwrap_or(def.slot_decay_per_second);
+                }
+            }
+            Change::Delete => {
+                self.known.remove(name);
+            }
             Change::Reset => {
-                let mut def = self.known.get(name).cloned();
-                if let Some(def) = def.as_mut() {
+                if let Some(def) = self.known.get_mut(name) {
                     def.reset_count += 1;
                 }
-                let written = match &def {
-                    Some(d) => schema::update_definition(&tx, name, d).map(|_| ()),
-                    None => Ok(()),
-                };
-                written
-                    .and_then(|_| schema::reset_slots(&tx, name))
-                    .map(|_| def)
             }
-        };
-        let def =
-            def.map_err(|e| storage_err(&self.path, &format!("cannot save limit {name:?}"), e))?;
-        tx.commit()
-            .map_err(|e| storage_err(&self.path, "cannot commit", e))?;
-        match def {
-            Some(def) => self.known.insert(name.to_string(), def),
-            None => self.known.remove(name),
-        };
+        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use std::path::Path;
 use rusqlite::{Connection, Transaction};
 
 use super::storage_err;
-use crate::Error;
+use crate::{Error, LimitUpdate};
 
 /// `application_id` of every turnstile store: "trns".
 pub const APPLICATION_ID: i32 = 0x7472_6e73;
@@ -243,17 +243,24 @@ pub fn insert_definition(tx: &Connection, name: &str, def: &Definition) -> rusql
     Ok(())
 }
 
-pub fn update_definition(tx: &Connection, name: &str, def: &Definition) -> rusqlite::Result<usize> {
+/// Changes the fields of a definition that `update` sets, and only those,
+/// so that concurrent edits of other fields (by the CLI) are not undone.
+/// Returns the number of rows changed (0: no such limit).
+pub fn update_definition(
+    tx: &Connection,
+    name: &str,
+    update: &LimitUpdate,
+) -> rusqlite::Result<usize> {
     tx.execute(
-        r#"UPDATE limits SET "limit" = ?2, active = ?3, slot_decay_per_second = ?4,
-                             reset_count = ?5, revision = revision + 1
+        r#"UPDATE limits SET "limit" = coalesce(?2, "limit"), active = coalesce(?3, active),
+                             slot_decay_per_second = coalesce(?4, slot_decay_per_second),
+                             revision = revision + 1
            WHERE name = ?1"#,
         rusqlite::params![
             name,
-            def.limit,
-            def.active,
-            def.slot_decay_per_second,
-            def.reset_count
+            update.limit,
+            update.active,
+            update.slot_decay_per_second
         ],
     )
 }
@@ -263,12 +270,18 @@ pub fn delete_definition(tx: &Connection, name: &str) -> rusqlite::Result<usize>
     tx.execute("DELETE FROM limits WHERE name = ?1", [name])
 }
 
-/// Zeroes the stored decaying and denied slots (a reset).
-pub fn reset_slots(tx: &Connection, name: &str) -> rusqlite::Result<usize> {
+/// Records a reset: the count goes up (so a running owner notices) and the
+/// stored decaying and denied slots are zeroed. Returns the rows changed.
+pub fn reset_definition(tx: &Connection, name: &str) -> rusqlite::Result<usize> {
+    let changed = tx.execute(
+        "UPDATE limits SET reset_count = reset_count + 1, revision = revision + 1 WHERE name = ?1",
+        [name],
+    )?;
     tx.execute(
         "UPDATE slot_state SET decaying_slots = 0, denied_slots = 0 WHERE name = ?1",
         [name],
-    )
+    )?;
+    Ok(changed)
 }
 
 /// Writes one limit's slot state, if the limit is still defined.
