@@ -14,7 +14,7 @@ use turnstile::{Admin, Error, LimitConfig, LimitInfo, LimitUpdate};
 
 /// Administer the limits of a turnstile store.
 #[derive(Debug, Parser)]
-#[command(name = "turnstile", version, allow_negative_numbers = true)]
+#[command(name = "turnstile", version)]
 struct Cli {
     /// The store (SQLite file).
     #[arg(long, env = "TURNSTILE_DB", global = true)]
@@ -30,10 +30,10 @@ enum Command {
     Create {
         name: String,
         /// Capacity in slots; 0 pauses the limit.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         limit: u32,
         /// Rate-limit slots drained per second.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
         slot_decay_per_second: f64,
         /// Create it inactive.
         #[arg(long)]
@@ -53,9 +53,9 @@ enum Command {
     /// Change a limit.
     Update {
         name: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         limit: Option<u32>,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         slot_decay_per_second: Option<f64>,
         #[arg(long, conflicts_with = "disable")]
         enable: bool,
