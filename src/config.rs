@@ -47,6 +47,21 @@ impl LimitConfig {
     pub(crate) fn validate(&self, name: &str) -> Result<(), Error> {
         validate_decay(name, self.slot_decay_per_second)
     }
+
+    /// Checks `name` and this configuration as `create_limit` would, without
+    /// touching any limiter or store: the same [`Error::InvalidName`] or
+    /// [`Error::InvalidConfig`].
+    ///
+    /// ```
+    /// use turnstile::LimitConfig;
+    /// assert!(LimitConfig::new(2).check("gpu").is_ok());
+    /// assert!(LimitConfig::new(2).check("").is_err());
+    /// assert!(LimitConfig::new(2).slot_decay_per_second(f64::NAN).check("api").is_err());
+    /// ```
+    pub fn check(&self, name: &str) -> Result<(), Error> {
+        validate_name(name)?;
+        self.validate(name)
+    }
 }
 
 /// A change to a limit; fields left unset are kept.

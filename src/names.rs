@@ -23,6 +23,15 @@ impl<'a> Names<'a> {
         one.into_iter().chain(many.iter().map(|n| n.as_ref()))
     }
 
+    /// The name, if there is exactly one.
+    #[inline]
+    pub(crate) fn single(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::One(name) => Some(name),
+            Repr::Many(_) => None,
+        }
+    }
+
     /// The names, comma-separated, for messages.
     pub(crate) fn joined(&self) -> String {
         self.iter().collect::<Vec<_>>().join(", ")
@@ -76,8 +85,8 @@ impl<'a> IntoNames<'a> for &'a String {
     }
 }
 
-impl IntoNames<'static> for String {
-    fn into_names(self) -> Names<'static> {
+impl<'a> IntoNames<'a> for String {
+    fn into_names(self) -> Names<'a> {
         Names(Repr::One(Cow::Owned(self)))
     }
 }
@@ -112,8 +121,8 @@ impl<'a, 'b: 'a> IntoNames<'a> for &'a Vec<&'b str> {
     }
 }
 
-impl IntoNames<'static> for Vec<String> {
-    fn into_names(self) -> Names<'static> {
+impl<'a> IntoNames<'a> for Vec<String> {
+    fn into_names(self) -> Names<'a> {
         Names::many(self)
     }
 }

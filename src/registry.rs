@@ -4,7 +4,9 @@
 //! guard of a deleted limit never gives slots back to a new limit that reuses
 //! the index or the name.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,7 +121,10 @@ impl Limit {
 /// Names to limits.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    by_name: HashMap<Arc<str>, u32>,
+    /// Fx hashing: names come from the program and its operators, not from
+    /// an adversary, and SipHash would cost more than the rest of an
+    /// uncontended acquisition.
+    by_name: FxHashMap<Arc<str>, u32>,
     slab: Vec<Option<Limit>>,
     free: Vec<u32>,
     next_uid: u64,

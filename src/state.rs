@@ -75,6 +75,9 @@ impl State {
         if req.occupy == 0 {
             return Err(Error::InvalidOccupy { occupy: 0 });
         }
+        if let Some(id) = self.take_one(req, now) {
+            return Ok(Begin::Taken(Ids::from_elem(id, 1)));
+        }
         let mut ids = Ids::new();
         let mut missing: SmallVec<[&str; 2]> = SmallVec::new();
         for name in req.names.iter() {
@@ -173,6 +176,32 @@ impl State {
             wake: wake(),
         };
         Ok(Begin::Queued(self.enqueue(waiter, now)))
+    }
+
+    /// The fast path: one name, an existing active limit with room and
+    /// nothing unusual. `None` sends the acquisition down the general path,
+    /// which also reports every error.
+    #[inline]
+    fn take_one(&mut self, req: &Request<'_>, now: Instant) -> Option<LimitId> {
+        let name = req.names.single()?;
+        let idx = self.reg.lookup(name)?;
+        let limit = self.reg.get_mut(idx)?;
+        let usable = limit.active
+            && req.occupy <= limit.slots.limit
+            && match req.kind {
+                Kind::Concurrency => true,
+                Kind::RateLimit => limit.slots.rate() > 0.0,
+            };
+        if !usable || !limit.slots.fits(limit.queued_occupy, req.occupy, now) {
+            return None;
+        }
+        match req.kind {
+            Kind::Concurrency => limit.slots.take_held(req.occupy),
+            Kind::RateLimit => limit.slots.take_decaying(req.occupy, now),
+        }
+        let id = limit.id(idx);
+        self.reg.touch(idx);
+        Some(id)
     }
 
     /// Looks at a queued waiter: done (granted or failed), timed out at

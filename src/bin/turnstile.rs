@@ -129,6 +129,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let config = LimitConfig::new(limit)
                 .slot_decay_per_second(slot_decay_per_second)
                 .active(!disable);
+            // Judge the input before a store file can come into being.
+            config.check(&name).map_err(text)?;
             let info = Admin::open_or_create(&db)
                 .and_then(|mut a| a.create_limit(&name, config))
                 .map_err(text)?;

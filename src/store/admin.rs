@@ -27,7 +27,7 @@ use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
 /// let path = dir.join("limits.db");
 /// # let _ = std::fs::remove_file(&path);
 /// let limiter = Limiter::open(&path)?;                // the owner
-/// let admin = Admin::open(&path)?;                    // e.g. in another process
+/// let mut admin = Admin::open(&path)?;             // e.g. in another process
 /// admin.create_limit("gpu", LimitConfig::new(2))?;
 /// admin.update_limit("gpu", LimitUpdate::new().limit(4))?;
 /// assert_eq!(admin.limit("gpu")?.unwrap().limit, 4);

@@ -421,9 +421,25 @@ impl Db {
     }
 }
 
-/// A connection that only reads, and does not even checkpoint a foreign
-/// database's WAL when it closes.
+/// A connection that only reads, to judge a file before anything is written
+/// to it or beside it.
+///
+/// Without a `-wal` file beside it, the file alone holds the whole database,
+/// so it is opened `immutable`: SQLite then takes no locks and creates no
+/// `-wal` or `-shm` sidecar, even for a foreign database in WAL mode. With
+/// a `-wal` file present its contents matter, so the connection opens
+/// normally, only reads, and does not checkpoint that WAL when it closes.
 pub(crate) fn open_for_reading(path: &Path) -> Result<Connection, Error> {
+    if !sidecar(path, "-wal").exists() {
+        let uri = format!("file:{}?immutable=1", uri_path(path));
+        return Connection::open_with_flags(
+            uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| storage_err(path, "cannot open the database for reading", e));
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -436,6 +452,29 @@ pub(crate) fn open_for_reading(path: &Path) -> Result<Connection, Error> {
     .and_then(|_| conn.pragma_update(None, "query_only", true))
     .map_err(|e| storage_err(path, "cannot open the database for reading", e))?;
     Ok(conn)
+}
+
+/// `path` with `suffix` appended to its file name (`x.db` → `x.db-wal`).
+pub(crate) fn sidecar(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+/// `path` as the path part of an SQLite `file:` URI: every byte but
+/// unreserved characters and `/` percent-encoded, so that `?`, `#` and `%`
+/// in a file name are not taken for URI syntax.
+fn uri_path(path: &Path) -> String {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Decaying slots left of `slots` measured at Unix time `at`, at `now`. A

@@ -19,9 +19,7 @@ use crate::Error;
 
 /// The sidecar's path: the store's with `-lock` appended.
 pub fn lock_path(store: &Path) -> PathBuf {
-    let mut name = store.as_os_str().to_owned();
-    name.push("-lock");
-    PathBuf::from(name)
+    super::sidecar(store, "-lock")
 }
 
 /// Takes ownership of the store at `path`, or says who has it.

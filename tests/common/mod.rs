@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 /// Runs `body` on its own thread and fails the test if it has not finished
 /// within `limit`, so a deadlock fails instead of hanging CI.
-pub fn watchdog<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn watchdog<T: Send + 'static>(
+    limit: Duration,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let (tx, rx) = mpsc::channel();
     let handle = thread::spawn(move || {
         let out = body();
