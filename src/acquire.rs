@@ -10,10 +10,12 @@ use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::clock::LazyNow;
 use crate::event::Event;
 use crate::guard::ConcurrencyGuard;
 use crate::limiter::{deliver, Limiter, Shared};
 use crate::names::Names;
+use crate::registry::LimitId;
 use crate::state::{Begin, Look, Request};
 use crate::timer::{timer, TimerKey};
 use crate::waiters::{Ids, Kind, Ticket, Wake, Wakes};
@@ -47,8 +49,8 @@ struct Spec<'a> {
     opts: Options,
 }
 
-impl Spec<'_> {
-    fn request(&self) -> Request<'_> {
+impl<'a> Spec<'a> {
+    fn request(&self) -> Request<'_, 'a> {
         Request {
             names: &self.names,
             occupy: self.occupy,
@@ -77,10 +79,9 @@ impl Spec<'_> {
     }
 }
 
-/// Slots taken, from which limits and when.
+/// Slots taken, from which limits, after how long a wait.
 struct Taken {
     ids: Ids,
-    at: Instant,
     waited: Duration,
 }
 
@@ -94,14 +95,15 @@ enum Mode {
 /// The blocking core: a first attempt, then parking until granted, failed or
 /// out of time. `Ok(None)` only for `Mode::Try`.
 fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Error> {
-    let start = Instant::now();
-    let deadline = spec.deadline(start);
+    // Read only if decay is in play or the acquisition must wait; the wait,
+    // and its deadline, start then.
+    let mut clock = LazyNow::default();
     let queue = mode == Mode::Block && spec.waits();
     let wake = || Wake::Thread(thread::current());
     let begin = loop {
         let begin = shared.state.lock().begin(
             &spec.request(),
-            start,
+            &mut clock,
             queue.then_some(&wake as &dyn Fn() -> Wake),
         )?;
         match begin {
@@ -113,7 +115,6 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
         Begin::Taken(ids) => {
             return Ok(Some(Taken {
                 ids,
-                at: start,
                 waited: Duration::ZERO,
             }))
         }
@@ -122,6 +123,8 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
         Begin::Queued(ticket) => ticket,
         Begin::Create(_) => unreachable!("handled above"),
     };
+    let start = clock.get();
+    let deadline = spec.deadline(start);
     loop {
         let now = Instant::now();
         let mut wakes = Wakes::new();
@@ -135,7 +138,6 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
                 return done.map(|ids| {
                     Some(Taken {
                         ids,
-                        at: now,
                         waited: now - start,
                     })
                 })
@@ -145,6 +147,23 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
             Look::Wait(None) => thread::park(),
         }
     }
+}
+
+/// The uncontended path of one name: an existing active limit with room,
+/// nobody observing. Takes the slots under one lock and reads no clock for a
+/// concurrency acquisition (see [`crate::state::State::take_one`]); `None`
+/// leaves everything to [`run`], which decides and reports exactly as if this
+/// had not been tried.
+#[inline]
+fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
+    if shared.observer.is_some() {
+        return None;
+    }
+    let name = spec.names.single()?;
+    shared
+        .state
+        .lock()
+        .take_one(name, spec.occupy, spec.kind, &mut now)
 }
 
 /// Tells the observer what was taken.
@@ -250,6 +269,9 @@ impl<'a> Acquire<'a> {
     /// `occupy` while waiting), [`Error::InvalidOccupy`], [`Error::InvalidName`],
     /// [`Error::NotFound`] with `strict`.
     pub fn acquire(self) -> Result<ConcurrencyGuard, Error> {
+        if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
+            return Ok(self.fast_guard(id));
+        }
         let taken = run(&self.limiter.shared, &self.spec, Mode::Block)?.expect("blocking");
         Ok(self.guard(taken))
     }
@@ -262,6 +284,9 @@ impl<'a> Acquire<'a> {
     ///
     /// As [`Acquire::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<Option<ConcurrencyGuard>, Error> {
+        if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
+            return Ok(Some(self.fast_guard(id)));
+        }
         let taken = run(&self.limiter.shared, &self.spec, Mode::Try)?;
         Ok(taken.map(|t| self.guard(t)))
     }
@@ -269,7 +294,12 @@ impl<'a> Acquire<'a> {
     fn guard(&self, taken: Taken) -> ConcurrencyGuard {
         let shared = &self.limiter.shared;
         acquired(shared, &taken, self.spec.occupy, Kind::Concurrency);
-        ConcurrencyGuard::new(shared.clone(), taken.ids, self.spec.occupy, taken.at)
+        ConcurrencyGuard::new(shared.clone(), taken.ids, self.spec.occupy)
+    }
+
+    fn fast_guard(&self, id: LimitId) -> ConcurrencyGuard {
+        let ids = Ids::from_elem(id, 1);
+        ConcurrencyGuard::new(self.limiter.shared.clone(), ids, self.spec.occupy)
     }
 }
 
@@ -327,6 +357,9 @@ impl<'a> RateLimit<'a> {
     /// whose `slot_decay_per_second` is 0.
     pub fn acquire(self) -> Result<(), Error> {
         let shared = &self.limiter.shared;
+        if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
+            return Ok(());
+        }
         let taken = run(shared, &self.spec, Mode::Block)?.expect("blocking");
         acquired(shared, &taken, self.spec.occupy, Kind::RateLimit);
         Ok(())
@@ -339,6 +372,9 @@ impl<'a> RateLimit<'a> {
     /// As [`RateLimit::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<bool, Error> {
         let shared = &self.limiter.shared;
+        if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
+            return Ok(true);
+        }
         match run(shared, &self.spec, Mode::Try)? {
             Some(taken) => {
                 acquired(shared, &taken, self.spec.occupy, Kind::RateLimit);
@@ -394,7 +430,6 @@ impl Future for AcquireFuture {
                 shared,
                 taken.ids,
                 waiting.spec.occupy,
-                taken.at,
             ))
         })
     }
@@ -474,7 +509,7 @@ impl Waiting {
                 let begin = loop {
                     let begin = self.shared.state.lock().begin(
                         &self.spec.request(),
-                        now,
+                        &mut LazyNow::at(now),
                         self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
                     );
                     match begin {
@@ -493,7 +528,6 @@ impl Waiting {
                     Ok(Begin::Taken(ids)) => {
                         return self.finish(Ok(Taken {
                             ids,
-                            at: now,
                             waited: Duration::ZERO,
                         }))
                     }
@@ -520,7 +554,6 @@ impl Waiting {
                 self.ticket = None;
                 self.finish(done.map(|ids| Taken {
                     ids,
-                    at: now,
                     waited: now - start,
                 }))
             }

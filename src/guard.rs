@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::Stamp;
 use crate::event::Event;
 use crate::limiter::{deliver, Shared};
 use crate::state::EventNames;
@@ -18,17 +19,20 @@ pub struct ConcurrencyGuard {
     shared: Arc<Shared>,
     ids: Ids,
     occupy: u32,
-    acquired_at: Instant,
+    /// When the guard was made, on the cheap clock: hold times feed only the
+    /// occupancy average (floored at 0.1 s per slot) and `release`'s answer.
+    acquired_at: Stamp,
     released: bool,
 }
 
 impl ConcurrencyGuard {
-    pub(crate) fn new(shared: Arc<Shared>, ids: Ids, occupy: u32, acquired_at: Instant) -> Self {
+    /// A guard for slots just taken, its hold time counted from now.
+    pub(crate) fn new(shared: Arc<Shared>, ids: Ids, occupy: u32) -> Self {
         ConcurrencyGuard {
             shared,
             ids,
             occupy,
-            acquired_at,
+            acquired_at: Stamp::now(),
             released: false,
         }
     }
@@ -49,23 +53,25 @@ impl ConcurrencyGuard {
     }
 
     fn give_back(&mut self) -> Duration {
-        let now = Instant::now();
-        let held = now.saturating_duration_since(self.acquired_at);
+        let held = self.held_for();
         if std::mem::replace(&mut self.released, true) || self.ids.is_empty() {
             return held;
         }
-        let mut wakes = Wakes::new();
         let mut names = self.shared.observer.as_ref().map(|_| EventNames::new());
-        self.shared.state.lock().release(
-            &self.ids,
-            self.occupy,
-            held,
-            now,
-            names.as_mut(),
-            &mut wakes,
-        );
-        deliver(wakes);
-        if let Some(names) = names.filter(|n| !n.is_empty()) {
+        let mut state = self.shared.state.lock();
+        if state.release(&self.ids, self.occupy, held, names.as_mut()) {
+            // Waiters are queued on these limits: hand them what fits.
+            let mut wakes = Wakes::new();
+            state.pump_after(&self.ids, Instant::now(), &mut wakes);
+            drop(state);
+            deliver(wakes);
+        } else {
+            drop(state);
+        }
+        let Some(names) = names else {
+            return held;
+        };
+        if !names.is_empty() {
             self.shared.emit(|| Event::Released {
                 names: names.iter().map(|n| n.to_string()).collect(),
                 occupy: self.occupy,

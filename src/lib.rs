@@ -73,6 +73,7 @@
 #![warn(missing_docs)]
 
 mod acquire;
+mod clock;
 mod config;
 mod error;
 mod event;

@@ -55,7 +55,11 @@ impl Shared {
 }
 
 /// Delivers wake-ups collected under the lock, once it is released.
+#[inline]
 pub(crate) fn deliver(wakes: Wakes) {
+    if wakes.is_empty() {
+        return;
+    }
     for wake in wakes {
         wake.wake();
     }

@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 
+use smallvec::SmallVec;
+
 /// The limit names of one acquisition. Built by [`IntoNames`]; not built
 /// directly.
 #[derive(Debug, Clone)]
@@ -9,9 +11,10 @@ pub struct Names<'a>(Repr<'a>);
 
 #[derive(Debug, Clone)]
 enum Repr<'a> {
-    /// The common case, without allocating.
+    /// The common case.
     One(Cow<'a, str>),
-    Many(Vec<Cow<'a, str>>),
+    /// Up to four names without allocating.
+    Many(SmallVec<[Cow<'a, str>; 4]>),
 }
 
 impl<'a> Names<'a> {

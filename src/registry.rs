@@ -18,7 +18,10 @@ use crate::waiters::Ticket;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct LimitId {
     pub idx: u32,
-    pub uid: u64,
+    /// The incarnation: a counter of creations, wrapping at 2^32. A stale id
+    /// could only match again if its guard outlived four billion creations
+    /// of limits that all landed in its slot.
+    pub uid: u32,
 }
 
 /// A queued waiter as its limits see it.
@@ -31,7 +34,7 @@ pub(crate) struct Queued {
 /// One limit.
 #[derive(Debug)]
 pub(crate) struct Limit {
-    pub uid: u64,
+    pub uid: u32,
     pub name: Arc<str>,
     pub active: bool,
     pub slots: Slots,
@@ -127,7 +130,7 @@ pub(crate) struct Registry {
     by_name: FxHashMap<Arc<str>, u32>,
     slab: Vec<Option<Limit>>,
     free: Vec<u32>,
-    next_uid: u64,
+    next_uid: u32,
     /// Whether a store wants to hear of slot changes.
     pub persist: bool,
     /// Limits whose slot state changed since the store's last sweep.
@@ -148,15 +151,17 @@ impl Registry {
         }
     }
 
-    /// The limits changed since the last call, their flags cleared.
-    pub fn take_unsaved(&mut self) -> Vec<u32> {
-        let unsaved = std::mem::take(&mut self.unsaved);
-        for &idx in &unsaved {
+    /// Swaps the limits changed since the last call into `into` (cleared
+    /// first), and clears their flags; `into`'s old buffer becomes the new
+    /// list, so that in a steady state nothing is allocated.
+    pub fn take_unsaved(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        std::mem::swap(&mut self.unsaved, into);
+        for &idx in into.iter() {
             if let Some(limit) = self.get_mut(idx) {
                 limit.unsaved = false;
             }
         }
-        unsaved
     }
 
     pub fn lookup(&self, name: &str) -> Option<u32> {
@@ -185,7 +190,7 @@ impl Registry {
     /// valid.
     pub fn insert(&mut self, name: &str, config: &LimitConfig, now: Instant) -> u32 {
         debug_assert!(self.lookup(name).is_none());
-        self.next_uid += 1;
+        self.next_uid = self.next_uid.wrapping_add(1);
         let name: Arc<str> = Arc::from(name);
         let limit = Limit {
             uid: self.next_uid,

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clock::LazyNow;
+
 /// Slack for float rounding when comparing decaying slots against room: a
 /// waiter woken at the computed instant must find that it fits.
 const EPSILON: f64 = 1e-9;
@@ -50,6 +52,13 @@ impl Slots {
         (self.decaying - self.rate * secs).max(0.0)
     }
 
+    /// Whether any decaying slots may be left, i.e. whether fitting depends
+    /// on the time at all.
+    #[inline]
+    pub fn has_decaying(&self) -> bool {
+        self.decaying > 0.0
+    }
+
     /// Held plus decaying slots, the decaying ones rounded up.
     pub fn active_slots(&self, now: Instant) -> u32 {
         let decaying = (self.decaying(now) - EPSILON).max(0.0).ceil();
@@ -60,6 +69,13 @@ impl Slots {
     /// earlier waiters, leaving decay aside.
     pub fn fits_held(&self, reserved: u64, occupy: u32) -> bool {
         self.held + reserved + u64::from(occupy) <= u64::from(self.limit)
+    }
+
+    /// [`Slots::fits`], reading the clock only if decaying slots are left.
+    #[inline]
+    pub fn fits_lazy(&self, reserved: u64, occupy: u32, now: &mut LazyNow) -> bool {
+        self.fits_held(reserved, occupy)
+            && (!self.has_decaying() || self.fits(reserved, occupy, now.get()))
     }
 
     /// Whether `occupy` more slots fit at `now` behind `reserved` slots.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
+use crate::clock::LazyNow;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::names::Names;
 use crate::registry::{LimitId, Registry};
@@ -29,8 +30,8 @@ pub(crate) struct State {
 }
 
 /// One acquisition, as the builders describe it.
-pub(crate) struct Request<'r> {
-    pub names: &'r Names<'r>,
+pub(crate) struct Request<'r, 'n> {
+    pub names: &'r Names<'n>,
     pub occupy: u32,
     pub kind: Kind,
     pub strict: bool,
@@ -68,15 +69,17 @@ impl State {
     /// queues it when `wake` is given.
     pub fn begin(
         &mut self,
-        req: &Request<'_>,
-        now: Instant,
+        req: &Request<'_, '_>,
+        now: &mut LazyNow,
         wake: Option<&dyn Fn() -> Wake>,
     ) -> Result<Begin, Error> {
         if req.occupy == 0 {
             return Err(Error::InvalidOccupy { occupy: 0 });
         }
-        if let Some(id) = self.take_one(req, now) {
-            return Ok(Begin::Taken(Ids::from_elem(id, 1)));
+        if let Some(name) = req.names.single() {
+            if let Some(id) = self.take_one(name, req.occupy, req.kind, now) {
+                return Ok(Begin::Taken(Ids::from_elem(id, 1)));
+            }
         }
         let mut ids = Ids::new();
         let mut missing: SmallVec<[&str; 2]> = SmallVec::new();
@@ -123,7 +126,7 @@ impl State {
             if !self.reg.persist {
                 for name in missing {
                     self.reg
-                        .insert(name, &LimitConfig::new(1).active(false), now);
+                        .insert(name, &LimitConfig::new(1).active(false), now.get());
                 }
             } else {
                 // A store must commit them first, outside this lock.
@@ -135,14 +138,14 @@ impl State {
 
         let fits = ids.iter().all(|id| {
             let limit = self.reg.get(id.idx).expect("looked up");
-            limit.slots.fits(limit.queued_occupy, req.occupy, now)
+            limit.slots.fits_lazy(limit.queued_occupy, req.occupy, now)
         });
         if fits {
             for id in &ids {
                 let slots = &mut self.reg.get_mut(id.idx).expect("looked up").slots;
                 match req.kind {
                     Kind::Concurrency => slots.take_held(req.occupy),
-                    Kind::RateLimit => slots.take_decaying(req.occupy, now),
+                    Kind::RateLimit => slots.take_decaying(req.occupy, now.get()),
                 }
                 self.reg.touch(id.idx);
             }
@@ -175,29 +178,51 @@ impl State {
             decay_at: None,
             wake: wake(),
         };
-        Ok(Begin::Queued(self.enqueue(waiter, now)))
+        Ok(Begin::Queued(self.enqueue(waiter, now.get())))
     }
 
     /// The fast path: one name, an existing active limit with room and
-    /// nothing unusual. `None` sends the acquisition down the general path,
-    /// which also reports every error.
+    /// nothing unusual (a positive `occupy` within its limit; for a rate
+    /// limit, a decay rate). `None` sends the acquisition down the general
+    /// path of [`State::begin`], which also reports every error.
+    ///
+    /// `now` is read only if fitting depends on the time (decaying slots): a
+    /// concurrency acquisition on a limit without decaying slots reads no
+    /// clock.
     #[inline]
-    fn take_one(&mut self, req: &Request<'_>, now: Instant) -> Option<LimitId> {
-        let name = req.names.single()?;
+    pub fn take_one(
+        &mut self,
+        name: &str,
+        occupy: u32,
+        kind: Kind,
+        now: &mut LazyNow,
+    ) -> Option<LimitId> {
         let idx = self.reg.lookup(name)?;
         let limit = self.reg.get_mut(idx)?;
         let usable = limit.active
-            && req.occupy <= limit.slots.limit
-            && match req.kind {
+            && occupy > 0
+            && occupy <= limit.slots.limit
+            && match kind {
                 Kind::Concurrency => true,
                 Kind::RateLimit => limit.slots.rate() > 0.0,
             };
-        if !usable || !limit.slots.fits(limit.queued_occupy, req.occupy, now) {
+        if !usable || !limit.slots.fits_held(limit.queued_occupy, occupy) {
             return None;
         }
-        match req.kind {
-            Kind::Concurrency => limit.slots.take_held(req.occupy),
-            Kind::RateLimit => limit.slots.take_decaying(req.occupy, now),
+        match kind {
+            Kind::Concurrency => {
+                if !limit.slots.fits_lazy(limit.queued_occupy, occupy, now) {
+                    return None;
+                }
+                limit.slots.take_held(occupy);
+            }
+            Kind::RateLimit => {
+                let now = now.get();
+                if !limit.slots.fits(limit.queued_occupy, occupy, now) {
+                    return None;
+                }
+                limit.slots.take_decaying(occupy, now);
+            }
         }
         let id = limit.id(idx);
         self.reg.touch(idx);
@@ -298,17 +323,18 @@ impl State {
     }
 
     /// Gives back a guard's slots; names the limits given back to when
-    /// `names` is asked for.
+    /// `names` is asked for. Returns whether waiters are queued on any of
+    /// them: then the caller hands them what fits with [`State::pump_after`]
+    /// (only then is the time needed).
+    #[must_use]
     pub fn release(
         &mut self,
         ids: &[LimitId],
         occupy: u32,
         held: Duration,
-        now: Instant,
         mut names: Option<&mut EventNames>,
-        wakes: &mut Wakes,
-    ) {
-        let mut dirty = Dirty::new();
+    ) -> bool {
+        let mut waiters = false;
         let held_secs = held.as_secs_f64();
         for id in ids {
             // A deleted (or deleted and recreated) limit gets nothing back.
@@ -320,14 +346,24 @@ impl State {
             if let Some(names) = names.as_deref_mut() {
                 names.push(limit.name.clone());
             }
-            if !limit.queue.is_empty() {
-                dirty.push((id.idx, true));
-            }
+            waiters |= !limit.queue.is_empty();
             self.reg.touch(id.idx);
         }
-        if !dirty.is_empty() {
-            self.pump(&mut dirty, now, wakes);
-        }
+        waiters
+    }
+
+    /// Pumps the queues of `ids` after slots were given back to them.
+    pub fn pump_after(&mut self, ids: &[LimitId], now: Instant, wakes: &mut Wakes) {
+        let mut dirty: Dirty = ids
+            .iter()
+            .filter(|id| {
+                self.reg
+                    .get(id.idx)
+                    .is_some_and(|l| l.uid == id.uid && !l.queue.is_empty())
+            })
+            .map(|id| (id.idx, true))
+            .collect();
+        self.pump(&mut dirty, now, wakes);
     }
 
     /// Whether `create` would succeed.

@@ -94,6 +94,7 @@ impl Admin {
             conn,
             known: Default::default(),
             data_version: 0,
+            spare: Vec::new(),
         };
         let found = schema::inspect(&db.conn, path)?;
         if found

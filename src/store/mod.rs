@@ -66,6 +66,10 @@ pub(crate) struct Db {
     pub known: HashMap<String, Definition>,
     /// `PRAGMA data_version` when `known` was last brought up to date.
     pub data_version: i64,
+    /// The registry's list of unsaved limits from the sweep before last,
+    /// swapped back in at each sweep so that neither side reallocates it
+    /// (the acquisition after a sweep must not allocate).
+    pub spare: Vec<u32>,
 }
 
 impl Db {
@@ -186,15 +190,15 @@ impl Db {
     pub fn save(&mut self, state: &Mutex<State>) -> Result<usize, Error> {
         let rows: Vec<(Arc<str>, SlotRow)> = {
             let mut state = state.lock();
-            let unsaved = state.reg.take_unsaved();
-            if unsaved.is_empty() {
+            state.reg.take_unsaved(&mut self.spare);
+            if self.spare.is_empty() {
                 return Ok(0);
             }
             let now = Instant::now();
             let at = unix_now();
-            unsaved
-                .into_iter()
-                .filter_map(|idx| state.reg.get(idx))
+            self.spare
+                .iter()
+                .filter_map(|&idx| state.reg.get(idx))
                 .map(|l| {
                     let row = SlotRow {
                         held_slots: l.slots.held,
@@ -287,6 +291,7 @@ impl Store {
             conn,
             known: HashMap::new(),
             data_version: 0,
+            spare: Vec::new(),
         };
         db.prepare(found)?;
         db.restore(&state)?;
