@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::clock::Stamp;
 use crate::event::Event;
@@ -62,7 +62,7 @@ impl ConcurrencyGuard {
         if state.release(&self.ids, self.occupy, held, names.as_mut()) {
             // Waiters are queued on these limits: hand them what fits.
             let mut wakes = Wakes::new();
-            state.pump_after(&self.ids, Instant::now(), &mut wakes);
+            state.pump_after(&self.ids, &mut wakes);
             drop(state);
             deliver(wakes);
         } else {

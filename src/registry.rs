@@ -29,6 +29,13 @@ pub(crate) struct LimitId {
 pub(crate) struct Queued {
     pub ticket: Ticket,
     pub occupy: u32,
+    /// Whether the waiter watches this limit: it does not fit here, so a
+    /// release here must look at it. Each waiter watches one limit it does
+    /// not fit (or, briefly after a limit vanished from its needs, all).
+    pub watch: bool,
+    /// Whether the waiter has a retry budget (`max_retries`), so that every
+    /// pump of this limit must count against it, fit or not.
+    pub retries: bool,
 }
 
 /// One limit.
@@ -45,6 +52,10 @@ pub(crate) struct Limit {
     /// Sum of the queue's occupy: slots promised to waiters, which newcomers
     /// may not take.
     pub queued_occupy: u64,
+    /// Queue entries with `watch` set.
+    pub watchers: u32,
+    /// Queue entries with `retries` set.
+    pub retriers: u32,
     /// Whether its slot state changed since the store last saved it.
     pub unsaved: bool,
 }
@@ -77,16 +88,52 @@ impl Limit {
             Some(pos) => {
                 let q = self.queue.remove(pos).expect("position is in range");
                 self.queued_occupy -= u64::from(q.occupy);
+                self.watchers -= u32::from(q.watch);
+                self.retriers -= u32::from(q.retries);
                 true
             }
             None => false,
         }
     }
 
-    pub fn enqueue(&mut self, ticket: Ticket, occupy: u32) {
+    /// Queues `ticket` last, not watching.
+    pub fn enqueue(&mut self, ticket: Ticket, occupy: u32, retries: bool) {
         debug_assert!(self.queue.back().is_none_or(|q| q.ticket < ticket));
-        self.queue.push_back(Queued { ticket, occupy });
+        self.queue.push_back(Queued {
+            ticket,
+            occupy,
+            watch: false,
+            retries,
+        });
         self.queued_occupy += u64::from(occupy);
+        self.retriers += u32::from(retries);
+    }
+
+    /// Sets whether `ticket` watches this limit.
+    pub fn set_watch(&mut self, ticket: Ticket, watch: bool) {
+        if let Some(pos) = self.position(ticket) {
+            let q = &mut self.queue[pos];
+            if q.watch != watch {
+                q.watch = watch;
+                if watch {
+                    self.watchers += 1;
+                } else {
+                    self.watchers -= 1;
+                }
+            }
+        }
+    }
+
+    /// Slots promised to waiters queued before `ticket`, knowing whether it
+    /// is the last in the queue (then the sum is at hand).
+    pub fn reserved_for(&self, ticket: Ticket, occupy: u32) -> Option<u64> {
+        match self.queue.back() {
+            Some(last) if last.ticket == ticket => {
+                let reserved = self.queued_occupy - u64::from(last.occupy);
+                self.slots.fits_held(reserved, occupy).then_some(reserved)
+            }
+            _ => self.reserved_before(ticket, occupy),
+        }
     }
 
     /// Slots promised to waiters queued before `ticket`, or `None` if they
@@ -201,6 +248,8 @@ impl Registry {
             avg_occupancy: INITIAL_AVG_OCCUPANCY,
             queue: VecDeque::new(),
             queued_occupy: 0,
+            watchers: 0,
+            retriers: 0,
             unsaved: false,
         };
         let idx = match self.free.pop() {
@@ -272,9 +321,9 @@ mod tests {
         let mut reg = Registry::default();
         let idx = reg.insert("a", &LimitConfig::new(4), now);
         let limit = reg.get_mut(idx).unwrap();
-        limit.enqueue(1, 2);
-        limit.enqueue(2, 1);
-        limit.enqueue(5, 3);
+        limit.enqueue(1, 2, false);
+        limit.enqueue(2, 1, false);
+        limit.enqueue(5, 3, true);
         assert_eq!(limit.reserved_before(1, 2), Some(0));
         assert_eq!(limit.reserved_before(2, 1), Some(2));
         assert_eq!(limit.reserved_before(5, 1), Some(3));

@@ -17,7 +17,7 @@ use crate::clock::LazyNow;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::names::Names;
 use crate::registry::{LimitId, Registry};
-use crate::waiters::{Dirty, Ids, Kind, Status, Ticket, Waiter, Wake, Wakes};
+use crate::waiters::{Dirty, Ids, Kind, Pump, Status, Ticket, Waiter, Wake, Wakes};
 use crate::Error;
 
 #[derive(Debug, Default)]
@@ -313,7 +313,7 @@ impl State {
                         Kind::RateLimit => limit.slots.untake_decaying(waiter.occupy, now),
                     }
                     if !limit.queue.is_empty() {
-                        dirty.push((id.idx, false));
+                        dirty.push(Pump::watchers(id.idx, false));
                     }
                     self.reg.touch(id.idx);
                 }
@@ -352,18 +352,22 @@ impl State {
         waiters
     }
 
-    /// Pumps the queues of `ids` after slots were given back to them.
-    pub fn pump_after(&mut self, ids: &[LimitId], now: Instant, wakes: &mut Wakes) {
+    /// Pumps the queues of `ids` after slots were given back to them. Only
+    /// waiters that watch those limits (or count retries on them) can be
+    /// concerned: without any, this reads no clock and looks at nobody.
+    pub fn pump_after(&mut self, ids: &[LimitId], wakes: &mut Wakes) {
         let mut dirty: Dirty = ids
             .iter()
             .filter(|id| {
                 self.reg
                     .get(id.idx)
-                    .is_some_and(|l| l.uid == id.uid && !l.queue.is_empty())
+                    .is_some_and(|l| l.uid == id.uid && (l.watchers > 0 || l.retriers > 0))
             })
-            .map(|id| (id.idx, true))
+            .map(|id| Pump::watchers(id.idx, true))
             .collect();
-        self.pump(&mut dirty, now, wakes);
+        if !dirty.is_empty() {
+            self.pump(&mut dirty, Instant::now(), wakes);
+        }
     }
 
     /// Whether `create` would succeed.
@@ -442,7 +446,7 @@ impl State {
             self.forget_limit(idx, false, &mut dirty, wakes);
         } else if active {
             self.fail_impossible(idx, &mut dirty, wakes);
-            dirty.push((idx, true));
+            dirty.push(Pump::everyone(idx));
         }
         self.pump(&mut dirty, now, wakes);
         Ok(self.reg.get(idx).expect("found").info(now))
@@ -468,7 +472,7 @@ impl State {
         limit.slots.reset_decaying(now);
         limit.denied = 0;
         self.reg.touch(idx);
-        let mut dirty: Dirty = SmallVec::from_elem((idx, true), 1);
+        let mut dirty: Dirty = SmallVec::from_elem(Pump::everyone(idx), 1);
         self.pump(&mut dirty, now, wakes);
         Ok(self.reg.get(idx).expect("found").info(now))
     }

@@ -94,14 +94,53 @@ pub(crate) struct Waiter {
     pub wake: Wake,
 }
 
-/// Limits whose capacity may have grown, to be pumped; `true` when the change
-/// counts as a retry for the waiters it wakes (a release, an update, decay).
-pub(crate) type Dirty = SmallVec<[(u32, bool); 4]>;
+/// A limit whose capacity may have grown, to be pumped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pump {
+    pub idx: u32,
+    /// Whether the change counts as a retry for the waiters it looks at (a
+    /// release, an update, decay), rather than someone else's grant or
+    /// cancellation.
+    pub counts: bool,
+    /// Look at every waiter, not only those watching the limit: its
+    /// configuration changed, which may change whom it blocks.
+    pub all: bool,
+}
+
+impl Pump {
+    /// Slots came back (or a reservation left): only the waiters that
+    /// watch this limit can be let through by it.
+    pub fn watchers(idx: u32, counts: bool) -> Pump {
+        Pump {
+            idx,
+            counts,
+            all: false,
+        }
+    }
+
+    /// The limit itself changed: look at everyone queued on it.
+    pub fn everyone(idx: u32) -> Pump {
+        Pump {
+            idx,
+            counts: true,
+            all: true,
+        }
+    }
+}
+
+/// Limits to pump.
+pub(crate) type Dirty = SmallVec<[Pump; 4]>;
 
 /// Whether a waiter fits now.
 enum Fit {
     Yes,
-    No { decay_at: Option<Instant> },
+    No {
+        decay_at: Option<Instant>,
+        /// A limit it does not fit, for it to watch: one that only a
+        /// release or a change can open (decay alone cannot), if any; else
+        /// the one whose decay lets it in last.
+        blocker: u32,
+    },
 }
 
 impl State {
@@ -111,13 +150,14 @@ impl State {
         let ticket = self.next_ticket;
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
-            limit.enqueue(ticket, waiter.occupy);
+            limit.enqueue(ticket, waiter.occupy, waiter.max_retries.is_some());
             self.reg.touch(id.idx);
         }
         self.waiters.insert(ticket, waiter);
-        match self.fit(ticket, now) {
-            Fit::No { decay_at } => {
+        match self.fit(ticket, now, None) {
+            Fit::No { decay_at, blocker } => {
                 self.waiters.get_mut(&ticket).expect("just queued").decay_at = decay_at;
+                self.watch(ticket, Some(blocker));
             }
             // Only if time moved between the first attempt and now.
             Fit::Yes => {
@@ -132,15 +172,29 @@ impl State {
 
     /// Re-examines the waiters of the dirty limits, granting every one that
     /// now fits and failing those out of retries.
+    ///
+    /// A waiter that does not fit watches one limit it does not fit, and
+    /// only that limit's releases look at it: a release on a limit whose
+    /// waiters are all held back elsewhere costs nothing per waiter. This is
+    /// sound because, whatever happens on a limit, a waiter it does not
+    /// watch fits no better: newcomers take only what leaves room for every
+    /// queued waiter, grants turn reservations into held slots, and only
+    /// changes to a limit itself (`Pump::everyone`) can make matters worse
+    /// for a waiter behind.
     pub fn pump(&mut self, dirty: &mut Dirty, now: Instant, wakes: &mut Wakes) {
         // One change is one retry, however many of a waiter's limits it
         // touched.
         self.pumps += 1;
         let pump = self.pumps;
-        while let Some((idx, counts)) = dirty.pop() {
+        while let Some(Pump { idx, counts, all }) = dirty.pop() {
             let mut pos = 0;
             let mut reserved = 0u64;
+            // Watchers of this limit passed (and still watching it).
+            let mut passed = 0;
             while let Some(limit) = self.reg.get(idx) {
+                if !all && passed >= limit.watchers {
+                    break;
+                }
                 let Some(&q) = limit.queue.get(pos) else {
                     break;
                 };
@@ -148,9 +202,15 @@ impl State {
                     // Everyone behind needs at least as much: stop here.
                     break;
                 }
-                match self.fit(q.ticket, now) {
+                if !all && !q.watch {
+                    // Held back by another limit, which has not changed.
+                    reserved += u64::from(q.occupy);
+                    pos += 1;
+                    continue;
+                }
+                match self.fit(q.ticket, now, Some((idx, reserved))) {
                     Fit::Yes => self.grant(q.ticket, now, now, dirty, wakes),
-                    Fit::No { decay_at } => {
+                    Fit::No { decay_at, blocker } => {
                         let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
                         if counts && waiter.counted_in != pump {
                             waiter.counted_in = pump;
@@ -174,10 +234,60 @@ impl State {
                             // Its timer is set too late (or not at all): re-arm.
                             wakes.push(waiter.wake.clone());
                         }
+                        self.watch(q.ticket, Some(blocker));
+                        passed += u32::from(blocker == idx);
                         reserved += u64::from(q.occupy);
                         pos += 1;
                     }
                 }
+            }
+            if counts {
+                self.count_retries(idx, pump, dirty, wakes);
+            }
+        }
+    }
+
+    /// Counts pump `pump` of limit `idx` as one more attempt of every waiter
+    /// on it with a retry budget that was not looked at already, fit or not
+    /// (as a Prefect client counts each denied poll), and fails those out of
+    /// budget. Waiters without a budget cost nothing here.
+    fn count_retries(&mut self, idx: u32, pump: u64, dirty: &mut Dirty, wakes: &mut Wakes) {
+        let Some(limit) = self.reg.get(idx).filter(|l| l.retriers > 0) else {
+            return;
+        };
+        let budgeted: SmallVec<[Ticket; 8]> = limit
+            .queue
+            .iter()
+            .filter(|q| q.retries)
+            .map(|q| q.ticket)
+            .collect();
+        for ticket in budgeted {
+            let Some(waiter) = self.waiters.get_mut(&ticket) else {
+                continue;
+            };
+            if !matches!(waiter.status, Status::Queued) || waiter.counted_in == pump {
+                continue;
+            }
+            waiter.counted_in = pump;
+            waiter.attempts += 1;
+            if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
+                let err = Error::RetriesExhausted {
+                    names: waiter.names.clone(),
+                    occupy: waiter.occupy,
+                    attempts: waiter.attempts,
+                };
+                self.fail(ticket, err, dirty, wakes);
+            }
+        }
+    }
+
+    /// Makes a queued waiter watch `blocker` alone, or every limit it waits
+    /// for (`None`: its blocker is unknown).
+    pub(crate) fn watch(&mut self, ticket: Ticket, blocker: Option<u32>) {
+        let waiter = &self.waiters[&ticket];
+        for id in &waiter.ids {
+            if let Some(limit) = self.reg.get_mut(id.idx) {
+                limit.set_watch(ticket, blocker.is_none_or(|b| b == id.idx));
             }
         }
     }
@@ -186,7 +296,7 @@ impl State {
     /// fits (counting one attempt either way).
     pub fn retry(&mut self, ticket: Ticket, now: Instant, wakes: &mut Wakes) {
         let mut dirty = Dirty::new();
-        match self.fit(ticket, now) {
+        match self.fit(ticket, now, None) {
             Fit::Yes => {
                 // It fitted at its decay instant: charge it from then, not from
                 // the moment its (late) timer fired, so timer slack costs no
@@ -196,7 +306,7 @@ impl State {
                 let since = waiter.decay_at.filter(|&t| t <= now).unwrap_or(now);
                 self.grant(ticket, since, now, &mut dirty, wakes)
             }
-            Fit::No { decay_at } => {
+            Fit::No { decay_at, blocker } => {
                 let waiter = self.waiters.get_mut(&ticket).expect("queued");
                 waiter.attempts += 1;
                 waiter.decay_at = decay_at;
@@ -207,6 +317,8 @@ impl State {
                         attempts: waiter.attempts,
                     };
                     self.fail(ticket, err, &mut dirty, wakes);
+                } else {
+                    self.watch(ticket, Some(blocker));
                 }
             }
         }
@@ -214,32 +326,48 @@ impl State {
     }
 
     /// Whether a queued waiter fits on all its limits, behind the waiters
-    /// queued before it.
-    fn fit(&self, ticket: Ticket, now: Instant) -> Fit {
+    /// queued before it. `known` gives its reservation on one limit when the
+    /// caller has summed it already.
+    fn fit(&self, ticket: Ticket, now: Instant, known: Option<(u32, u64)>) -> Fit {
         let waiter = &self.waiters[&ticket];
         let mut fits_all = true;
         let mut decay_at = Some(now);
+        // (limit, when it lets the waiter in by decay; None: never by decay)
+        let mut blocker: Option<(u32, Option<Instant>)> = None;
         for id in &waiter.ids {
             let limit = self.reg.get(id.idx).expect("ids are live");
-            let at = limit
-                .reserved_before(ticket, waiter.occupy)
-                .and_then(|reserved| {
-                    if limit.slots.fits(reserved, waiter.occupy, now) {
-                        Some(now)
-                    } else {
-                        fits_all = false;
-                        limit.slots.fits_at(reserved, waiter.occupy, now)
-                    }
-                });
-            if at.is_none() {
+            let reserved = match known {
+                Some((idx, reserved)) if idx == id.idx => limit
+                    .slots
+                    .fits_held(reserved, waiter.occupy)
+                    .then_some(reserved),
+                _ => limit.reserved_for(ticket, waiter.occupy),
+            };
+            let at = reserved.and_then(|reserved| {
+                if limit.slots.fits(reserved, waiter.occupy, now) {
+                    Some(now)
+                } else {
+                    fits_all = false;
+                    limit.slots.fits_at(reserved, waiter.occupy, now)
+                }
+            });
+            if at != Some(now) {
                 fits_all = false;
+                let worse = match (blocker, at) {
+                    (None, _) => true,
+                    (Some((_, None)), _) => false,
+                    (Some(_), None) => true,
+                    (Some((_, Some(then))), Some(at)) => at > then,
+                };
+                if worse {
+                    blocker = Some((id.idx, at));
+                }
             }
             decay_at = decay_at.zip(at).map(|(a, b)| a.max(b));
         }
-        if fits_all {
-            Fit::Yes
-        } else {
-            Fit::No { decay_at }
+        match blocker {
+            Some((blocker, _)) if !fits_all => Fit::No { decay_at, blocker },
+            _ => Fit::Yes,
         }
     }
 
@@ -265,7 +393,7 @@ impl State {
                     // Followers now wait on decay rather than on this
                     // reservation: let them set their timers.
                     if !limit.queue.is_empty() {
-                        dirty.push((id.idx, false));
+                        dirty.push(Pump::watchers(id.idx, false));
                     }
                 }
             }
@@ -283,7 +411,7 @@ impl State {
         for id in waiter.ids.drain(..) {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.dequeue(ticket);
-            dirty.push((id.idx, false));
+            dirty.push(Pump::watchers(id.idx, false));
             self.reg.touch(id.idx);
         }
         waiter.status = Status::Failed(err);
@@ -301,7 +429,7 @@ impl State {
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
             limit.dequeue(ticket);
-            dirty.push((id.idx, false));
+            dirty.push(Pump::watchers(id.idx, false));
             self.reg.touch(id.idx);
         }
         self.pump(&mut dirty, now, wakes);
@@ -315,6 +443,8 @@ impl State {
         };
         let queue = std::mem::take(&mut limit.queue);
         limit.queued_occupy = 0;
+        limit.watchers = 0;
+        limit.retriers = 0;
         let name = limit.name.to_string();
         for q in queue {
             let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
@@ -327,7 +457,10 @@ impl State {
                 waiter.status = Status::Granted;
                 wakes.push(waiter.wake.clone());
             } else {
-                dirty.extend(waiter.ids.iter().map(|id| (id.idx, true)));
+                // What held it back may have been this limit: until it is
+                // looked at again, it watches everything it waits for.
+                dirty.extend(waiter.ids.iter().map(|id| Pump::watchers(id.idx, true)));
+                self.watch(q.ticket, None);
             }
         }
     }
