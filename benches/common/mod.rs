@@ -280,7 +280,36 @@ pub fn fmt_rate(per_sec: f64) -> String {
     }
 }
 
+/// `12`, `0.98`, `1234567`.
+pub fn fmt_count(n: f64) -> String {
+    if n.fract() == 0.0 {
+        format!("{n:.0}")
+    } else {
+        format!("{n:.2}")
+    }
+}
+
 impl Table {
+    /// A row comparing two plain quantities (counts), `ours / peer` against
+    /// `target`.
+    pub fn counts(
+        &mut self,
+        case: &str,
+        ours: (&str, Option<f64>),
+        peer: (&str, Option<f64>),
+        target: Target,
+    ) {
+        let ratio = ours.1.zip(peer.1).map(|(a, b)| a / b);
+        self.rows.push(Row {
+            case: case.to_string(),
+            ours: show(ours.0, ours.1.map(fmt_count)),
+            peer: show(peer.0, peer.1.map(fmt_count)),
+            ratio,
+            target,
+            ours_value: ours.1,
+        });
+    }
+
     /// A row comparing two times (ns), `ours / peer` against `target`.
     pub fn times(
         &mut self,
