@@ -42,7 +42,11 @@
 //! slot (Prefect's floor), and stops checking that limit otherwise.
 //!
 //! Failing cases are saved to `proptest-regressions/model.txt` and re-run
-//! first on every later run.
+//! first on every later run. 256 sequences by default; to run long:
+//!
+//! ```sh
+//! TURNSTILE_MODEL_CASES=20000 cargo test --test model
+//! ```
 
 mod common;
 
