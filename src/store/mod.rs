@@ -28,12 +28,19 @@ use crate::waiters::Wakes;
 use crate::Error;
 use schema::{Definition, Found, SlotRow};
 
-/// Wall-clock seconds since the Unix epoch; 0 for a clock before it.
+/// Wall-clock seconds since the Unix epoch, as stored with decaying slots.
 pub(crate) fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    unix_seconds(SystemTime::now())
+}
+
+/// Seconds from the Unix epoch to `t`, negative before it: a clock set before
+/// 1970 neither panics nor collapses every instant to 0, so decay measured
+/// across a restart stays right while it stays wrong.
+fn unix_seconds(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => after.as_secs_f64(),
+        Err(before) => -before.duration().as_secs_f64(),
+    }
 }
 
 pub(crate) fn storage_err(
@@ -43,9 +50,33 @@ pub(crate) fn storage_err(
 ) -> Error {
     Error::Storage {
         path: path.display().to_string(),
-        message: format!("{message}: {source}"),
+        message: one_line(&format!("{message}: {source}")),
         source: Some(Box::new(source)),
     }
+}
+
+/// `text` as one printable line: SQLite quotes a damaged file's schema in
+/// its messages, line breaks, control characters and all, and the CLI
+/// promises a one-line error. Runs of white space become one space; other
+/// control characters are escaped.
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut space = false;
+    for c in text.trim().chars() {
+        if c.is_whitespace() {
+            space = true;
+            continue;
+        }
+        if std::mem::take(&mut space) {
+            out.push(' ');
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A change to one limit's definition, as the store records it.
@@ -401,6 +432,15 @@ impl Db {
                     source: None,
                 });
             }
+            if state.reg.lookup(&name).is_some() {
+                // The primary key forbids it: the file is damaged (a page
+                // copied over another does it) or its schema was edited.
+                return Err(Error::Storage {
+                    path: self.path.display().to_string(),
+                    message: format!("limit {name:?} appears twice in the store: it is damaged"),
+                    source: None,
+                });
+            }
             let idx = state.reg.insert(&name, &config, now);
             if let Some(row) = slots {
                 let limit = state.reg.get_mut(idx).expect("inserted");
@@ -482,25 +522,69 @@ fn uri_path(path: &Path) -> String {
     out
 }
 
-/// Decaying slots left of `slots` measured at Unix time `at`, at `now`. A
-/// clock that went backwards (or a timestamp in the future) drains nothing;
-/// nonsense values count as nothing left.
+/// Decaying slots left of `slots` measured at Unix time `at`, at `now`.
+///
+/// A clock that went backwards (a timestamp in the future, `+inf` included)
+/// or a timestamp that is not a number drains nothing: a restart is no way
+/// around a rate limit. A timestamp in the far past (`-inf` included) drains
+/// everything, as any timestamp old enough does. Slot counts that are not
+/// finite and positive count as nothing left.
 pub(crate) fn drained(slots: f64, at: f64, rate: f64, now: f64) -> f64 {
     if !slots.is_finite() || slots <= 0.0 {
         return 0.0;
     }
     let elapsed = now - at;
-    let elapsed = if elapsed.is_finite() {
-        elapsed.max(0.0)
-    } else {
-        0.0
-    };
+    // Written so that NaN (in `elapsed` or `rate`) drains nothing.
+    if !(elapsed > 0.0 && rate > 0.0) {
+        return slots;
+    }
     (slots - rate * elapsed).max(0.0)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::drained;
+    use super::{drained, storage_err};
+    use crate::Error;
+
+    #[test]
+    fn a_clock_before_the_epoch_is_negative_seconds_not_a_panic() {
+        use super::unix_seconds;
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(unix_seconds(UNIX_EPOCH), 0.0);
+        assert_eq!(unix_seconds(UNIX_EPOCH + Duration::from_millis(1500)), 1.5);
+        assert_eq!(unix_seconds(UNIX_EPOCH - Duration::from_millis(1500)), -1.5);
+        // 1901, as a dead RTC battery may report; and the far past.
+        let y1901 = UNIX_EPOCH - Duration::from_secs(2_177_452_800);
+        assert_eq!(unix_seconds(y1901), -2_177_452_800.0);
+        let far = UNIX_EPOCH - Duration::from_secs(u64::from(u32::MAX) * 100);
+        assert!(unix_seconds(far) < -4e11);
+        // Time measured across a restart with such a clock is still right.
+        let saved = unix_seconds(y1901);
+        let later = unix_seconds(y1901 + Duration::from_secs(3));
+        assert_eq!(drained(10.0, saved, 2.0, later), 4.0);
+    }
+
+    #[test]
+    fn storage_errors_are_one_printable_line() {
+        // As SQLite reports a damaged schema: the SQL text, line breaks and
+        // all, and whatever bytes the damage put there.
+        let source = std::io::Error::other(
+            "malformed database schema (t) - unrecognized token: \"`(\n    a  INTEGER,\r\n\tb\x1b[2J\0\"",
+        );
+        let err = storage_err(std::path::Path::new("x.db"), "cannot read", source);
+        let Error::Storage {
+            message, source, ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            message,
+            "cannot read: malformed database schema (t) - unrecognized token: \"`( a INTEGER, b\\u{1b}[2J\\u{0}\""
+        );
+        assert!(!err.to_string().contains(|c: char| c.is_control()));
+        assert!(source.is_some(), "the original error stays available");
+    }
 
     #[test]
     fn drained_by_wall_time() {
@@ -517,6 +601,27 @@ mod tests {
         );
         assert_eq!(drained(10.0, f64::NAN, 2.0, 50.0), 10.0);
         assert_eq!(drained(f64::NAN, 100.0, 2.0, 103.0), 0.0);
+        assert_eq!(
+            drained(10.0, f64::INFINITY, 2.0, 50.0),
+            10.0,
+            "+inf: backwards"
+        );
+        assert_eq!(
+            drained(10.0, f64::NEG_INFINITY, 2.0, 50.0),
+            0.0,
+            "-inf: far past"
+        );
+        assert_eq!(drained(10.0, -f64::MAX, 2.0, 50.0), 0.0);
+        assert_eq!(
+            drained(10.0, f64::NEG_INFINITY, 0.0, 50.0),
+            10.0,
+            "no decay"
+        );
+        assert_eq!(drained(10.0, 100.0, f64::NAN, 103.0), 10.0);
+        assert_eq!(drained(f64::INFINITY, 100.0, 2.0, 103.0), 0.0);
+        assert_eq!(drained(-3.0, 100.0, 2.0, 103.0), 0.0);
+        // Before the epoch on both sides: still exact.
+        assert_eq!(drained(10.0, -100.0, 2.0, -97.0), 4.0);
         assert_eq!(
             drained(10.0, 100.0, 0.0, 1e9),
             10.0,
