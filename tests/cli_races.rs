@@ -83,11 +83,9 @@ fn acquire_creating_a_limit_the_cli_just_created() {
 /// the same, nothing at all), so the old guards' slots stay held on the new
 /// limit and a newcomer finds it full.
 ///
-/// Cause: the store has no identity per incarnation of a name; `Db::pull`
-/// (src/store/mod.rs) compares definitions by name only. The soak avoids it
-/// by flushing between its CLI `delete` and `create`.
+/// Cause (fixed with schema version 3): the store had no identity per
+/// incarnation of a name, and `Db::pull` compared definitions by name only.
 #[test]
-#[ignore = "store bug: a CLI delete + create between two owner pulls is taken for an update of the old limit"]
 fn cli_delete_then_create_is_a_new_limit() {
     watchdog(WATCHDOG, || {
         for new_limit in ["1", "3"] {

@@ -513,11 +513,14 @@ fn blocking_worker(ctx: &Ctx, seed: u64) {
             Ok(Some(guard)) => {
                 ctx.tally.add(Op::Acquired);
                 let held = Held::new(ctx, guard, before, occupy);
-                match rng.below(4) {
-                    0 => {}
-                    1 => thread::yield_now(),
-                    2 => (0..rng.below(2_000)).for_each(|_| std::hint::spin_loop()),
-                    _ => thread::sleep(us(rng.below(300))),
+                match rng.below(40) {
+                    0..=9 => {}
+                    10..=19 => thread::yield_now(),
+                    20..=29 => (0..rng.below(2_000)).for_each(|_| std::hint::spin_loop()),
+                    30..=37 => thread::sleep(us(rng.below(300))),
+                    // Now and then long enough for edits to happen meanwhile:
+                    // lowered, disabled, deleted and re-created under it.
+                    _ => thread::sleep(ms(5 + rng.below(45))),
                 }
                 if rng.chance(50) {
                     held.release();
@@ -959,7 +962,14 @@ impl Editor<'_> {
             self.ctx.shadow.restart(self.own[k], false, 0);
         }
         if self.cli {
-            self.cli_edit(&["delete", name, "--yes"]);
+            // Half the time without waiting for the owner to see it, so that
+            // the `create` that may follow lands before its next look (it
+            // must still see a new limit: cli_races.rs pins that alone).
+            cli(self.ctx, &["delete", name, "--yes"])
+                .unwrap_or_else(|e| panic!("turnstile delete {name}: {e}"));
+            if self.rng.chance(50) {
+                self.ctx.limiter.flush().expect("flush");
+            }
         } else {
             self.ctx
                 .limiter
@@ -1021,7 +1031,13 @@ impl Editor<'_> {
             };
         }
         match self.rng.below(10) {
-            8 | 9 if churned => self.delete(k),
+            8 | 9 if churned => {
+                self.delete(k);
+                if self.rng.chance(50) {
+                    let limit = 1 + self.rng.below(u64::from(MAX_LIMIT)) as u32;
+                    self.create(k, limit);
+                }
+            }
             6 | 7 => self.disable(k),
             _ if def.limit == 0 || (def.limit < MAX_LIMIT && self.rng.chance(50)) => {
                 let new = def.limit + 1 + self.rng.below(u64::from(MAX_LIMIT - def.limit)) as u32;
