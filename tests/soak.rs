@@ -1347,6 +1347,16 @@ fn run_soak(secs: u64, seed: u64) {
             assert!(all.is_some(), "the whole of {} cannot be taken", info.name);
         }
     }
+    // The rate limits' decaying slots drain to nothing (20 at 400/s, 10 at
+    // 50/s or faster: well under a second; the bound is only for a hang).
+    assert!(
+        eventually(Duration::from_secs(20), || l
+            .limits()
+            .iter()
+            .all(|i| i.active_slots == 0)),
+        "slots never drained: {:?}",
+        l.limits()
+    );
     for (i, track) in ctx.shadow.tracks.iter().enumerate() {
         assert_eq!(track.held.load(Ordering::SeqCst), 0, "{}", TRACKED[i]);
     }
