@@ -22,7 +22,7 @@ use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 const APPLICATION_ID: i32 = 0x7472_6e73;
 
 /// The schema version this build writes.
-const VERSION: i32 = 2;
+const VERSION: i32 = 3;
 
 /// The version-1 schema, as an older build created it (a fixture: a real v1
 /// file would have been made by that older build).
@@ -350,6 +350,78 @@ fn version_1_store_is_migrated_forward_on_open() {
         assert_eq!(limiter.limit("gpu").unwrap().limit, 6);
         assert_eq!(limiter.limit("gpu").unwrap().denied_slots, 7);
         assert_eq!(limiter.limit("new").unwrap().slot_decay_per_second, 2.0);
+    });
+}
+
+/// What version 2 added to version 1, as that build wrote it.
+const MIGRATE_V1_TO_V2: &str = r#"
+ALTER TABLE limits ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE limits ADD COLUMN reset_count INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value
+) WITHOUT ROWID;
+"#;
+
+/// Version 3 gave each definition an incarnation, so that an owner tells a
+/// limit deleted and created again by another process from an updated one.
+#[test]
+fn version_2_store_is_migrated_forward_on_open() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new();
+        let db = dir.path("v2.db");
+        {
+            let conn = Connection::open(&db).expect("create v2 file");
+            conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+            conn.execute_batch(MIGRATE_V1_TO_V2).expect("v2 schema");
+            conn.execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = 2;"
+            ))
+            .expect("v2 pragmas");
+            conn.execute(
+                r#"INSERT INTO limits (name, "limit", active, slot_decay_per_second, revision,
+                                       reset_count)
+                   VALUES ('gpu', 3, 1, 0, 4, 1)"#,
+                [],
+            )
+            .expect("v2 limits");
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('owner_pid', NULL)",
+                [],
+            )
+            .expect("v2 meta");
+        }
+
+        let limiter = Limiter::open(&db).expect("open a v2 store");
+        assert_eq!(pragma_i64(&db, "user_version"), VERSION as i64);
+        let gpu = limiter.limit("gpu").expect("gpu survives the migration");
+        assert_eq!((gpu.limit, gpu.active), (3, true));
+        let old: i64 = peek(&db)
+            .query_row(
+                "SELECT incarnation FROM limits WHERE name = 'gpu'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("incarnation column");
+        assert_eq!(old, 0, "rows from before version 3 are incarnation 0");
+
+        // Deleted and created again: a new incarnation, never an old one.
+        let guard = limiter.concurrency("gpu", 1).acquire().unwrap();
+        limiter.delete_limit("gpu").unwrap();
+        limiter.create_limit("gpu", LimitConfig::new(1)).unwrap();
+        let new: i64 = peek(&db)
+            .query_row(
+                "SELECT incarnation FROM limits WHERE name = 'gpu'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(new > old, "incarnation {new} after {old}");
+        drop(guard);
+        assert_eq!(limiter.limit("gpu").unwrap().held_slots, 0);
+        drop(limiter);
+        let limiter = Limiter::open(&db).expect("reopen the migrated store");
+        assert_eq!(limiter.limit("gpu").unwrap().limit, 1);
     });
 }
 

@@ -127,9 +127,13 @@ impl Db {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(failed)?;
+        let mut incarnation = 0;
         let changed = match change {
             Change::Create(config) => {
-                schema::insert_definition(&tx, name, &definition(config, 0)).map(|_| 1)
+                schema::insert_definition(&tx, name, &definition(config, 0, 0)).map(|i| {
+                    incarnation = i;
+                    1
+                })
             }
             Change::Update(update) => schema::update_definition(&tx, name, update),
             Change::Delete => schema::delete_definition(&tx, name).map(|_| 1),
@@ -145,7 +149,8 @@ impl Db {
         tx.commit().map_err(failed)?;
         match change {
             Change::Create(config) => {
-                self.known.insert(name.to_string(), definition(config, 0));
+                self.known
+                    .insert(name.to_string(), definition(config, 0, incarnation));
             }
             Change::Update(update) => {
                 if let Some(def) = self.known.get_mut(name) {
@@ -188,6 +193,12 @@ impl Db {
             for (name, def) in rows {
                 let old = self.known.get(&name);
                 if old != Some(&def) {
+                    // Deleted and created again since the last look: a new
+                    // limit, which must not inherit the old one's slots.
+                    let reborn = old.is_some_and(|o| o.incarnation != def.incarnation);
+                    if reborn {
+                        let _ = state.delete(&name, now, &mut wakes);
+                    }
                     let update = LimitUpdate::new()
                         .limit(def.limit)
                         .active(def.active)
@@ -199,7 +210,10 @@ impl Db {
                     } else {
                         state.update(&name, &update, now, &mut wakes).map(|_| ())
                     };
-                    if applied.is_ok() && old.is_some_and(|o| o.reset_count != def.reset_count) {
+                    if applied.is_ok()
+                        && !reborn
+                        && old.is_some_and(|o| o.reset_count != def.reset_count)
+                    {
                         let _ = state.reset(&name, now, &mut wakes);
                     }
                 }
@@ -266,12 +280,13 @@ impl Db {
     }
 }
 
-fn definition(config: &LimitConfig, reset_count: i64) -> Definition {
+fn definition(config: &LimitConfig, reset_count: i64, incarnation: i64) -> Definition {
     Definition {
         limit: config.limit,
         active: config.active,
         slot_decay_per_second: config.slot_decay_per_second,
         reset_count,
+        incarnation,
     }
 }
 

@@ -19,7 +19,7 @@ use crate::{Error, LimitUpdate};
 pub const APPLICATION_ID: i32 = 0x7472_6e73;
 
 /// The schema version this build writes.
-pub const VERSION: i32 = 2;
+pub const VERSION: i32 = 3;
 
 /// Version 1: definitions and write-behind slot state.
 pub const SCHEMA_V1: &str = r#"
@@ -49,6 +49,14 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY NOT NULL,
     value
 ) WITHOUT ROWID;
+"#;
+
+/// Version 3: an incarnation per definition, unique in the store's life, so
+/// that an owner tells a limit that another process deleted and created
+/// again (between two of its looks) from an updated one: the new limit must
+/// not inherit the old one's held slots.
+const MIGRATE_V2_TO_V3: &str = r#"
+ALTER TABLE limits ADD COLUMN incarnation INTEGER NOT NULL DEFAULT 0;
 "#;
 
 /// What a path holds, judged without writing to it.
@@ -147,6 +155,9 @@ pub fn migrate(tx: &Transaction<'_>, from: i32) -> rusqlite::Result<()> {
     if from < 2 {
         tx.execute_batch(MIGRATE_V1_TO_V2)?;
     }
+    if from < 3 {
+        tx.execute_batch(MIGRATE_V2_TO_V3)?;
+    }
     tx.pragma_update(None, "user_version", VERSION)?;
     Ok(())
 }
@@ -158,6 +169,8 @@ pub struct Definition {
     pub active: bool,
     pub slot_decay_per_second: f64,
     pub reset_count: i64,
+    /// Which creation of the name this is (see [`insert_definition`]).
+    pub incarnation: i64,
 }
 
 /// A limit's slot state as the owner last wrote it.
@@ -176,7 +189,7 @@ pub struct SlotRow {
 pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Option<SlotRow>)>> {
     let mut stmt = conn.prepare(
         r#"SELECT l.name, l."limit", l.active, l.slot_decay_per_second, l.reset_count,
-                  s.held_slots, s.decaying_slots, s.decaying_at, s.denied_slots,
+                  l.incarnation, s.held_slots, s.decaying_slots, s.decaying_at, s.denied_slots,
                   s.avg_slot_occupancy_seconds, s.waiters
            FROM limits l LEFT JOIN slot_state s ON s.name = l.name
            ORDER BY l.name"#,
@@ -187,16 +200,17 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Opti
             active: r.get(2)?,
             slot_decay_per_second: r.get(3)?,
             reset_count: r.get(4)?,
+            incarnation: r.get(5)?,
         };
-        let slots = match r.get::<_, Option<i64>>(5)? {
+        let slots = match r.get::<_, Option<i64>>(6)? {
             None => None,
             Some(held) => Some(SlotRow {
                 held_slots: held.max(0) as u64,
-                decaying_slots: r.get(6)?,
-                decaying_at: r.get(7)?,
-                denied_slots: r.get::<_, i64>(8)?.max(0) as u64,
-                avg_slot_occupancy_seconds: r.get(9)?,
-                waiters: r.get::<_, i64>(10)?.max(0) as u64,
+                decaying_slots: r.get(7)?,
+                decaying_at: r.get(8)?,
+                denied_slots: r.get::<_, i64>(9)?.max(0) as u64,
+                avg_slot_occupancy_seconds: r.get(10)?,
+                waiters: r.get::<_, i64>(11)?.max(0) as u64,
             }),
         };
         Ok((r.get(0)?, def, slots))
@@ -208,7 +222,8 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Opti
 /// what other processes changed).
 pub fn definitions(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition)>> {
     let mut stmt = conn.prepare_cached(
-        r#"SELECT name, "limit", active, slot_decay_per_second, reset_count FROM limits"#,
+        r#"SELECT name, "limit", active, slot_decay_per_second, reset_count, incarnation
+           FROM limits"#,
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -218,29 +233,42 @@ pub fn definitions(conn: &Connection) -> rusqlite::Result<Vec<(String, Definitio
                 active: r.get(2)?,
                 slot_decay_per_second: r.get(3)?,
                 reset_count: r.get(4)?,
+                incarnation: r.get(5)?,
             },
         ))
     })?;
     rows.collect()
 }
 
-pub fn insert_definition(tx: &Connection, name: &str, def: &Definition) -> rusqlite::Result<()> {
+/// Inserts a definition under a fresh incarnation (the definition's own is
+/// ignored), which it returns: a counter in `meta` that only goes up, so a
+/// name deleted and created again never gets its old incarnation back.
+pub fn insert_definition(tx: &Connection, name: &str, def: &Definition) -> rusqlite::Result<i64> {
+    let incarnation: i64 = tx.query_row(
+        "INSERT INTO meta (key, value) VALUES ('incarnations', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1
+         RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
     tx.execute(
-        r#"INSERT INTO limits (name, "limit", active, slot_decay_per_second, reset_count, revision)
-           VALUES (?1, ?2, ?3, ?4, ?5, 0)"#,
+        r#"INSERT INTO limits (name, "limit", active, slot_decay_per_second, reset_count, revision,
+                               incarnation)
+           VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)"#,
         rusqlite::params![
             name,
             def.limit,
             def.active,
             def.slot_decay_per_second,
-            def.reset_count
+            def.reset_count,
+            incarnation
         ],
     )?;
     tx.execute(
         "INSERT OR REPLACE INTO slot_state (name, decaying_at) VALUES (?1, ?2)",
         rusqlite::params![name, super::unix_now()],
     )?;
-    Ok(())
+    Ok(incarnation)
 }
 
 /// Changes the fields of a definition that `update` sets, and only those,
