@@ -7,7 +7,6 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::event::Event;
@@ -15,7 +14,8 @@ use crate::guard::ConcurrencyGuard;
 use crate::limiter::{deliver, Limiter, Shared};
 use crate::names::Names;
 use crate::state::{Begin, Look, Request};
-use crate::timer::{timer, TimerKey};
+use crate::sync::thread;
+use crate::sync::timer::{timer, TimerKey};
 use crate::waiters::{Ids, Kind, Ticket, Wake, Wakes};
 use crate::Error;
 

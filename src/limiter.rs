@@ -5,13 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use crate::acquire::{Acquire, RateLimit};
 use crate::event::{Event, Observer};
 use crate::names::IntoNames;
 use crate::state::State;
 use crate::store::{Change, Store};
+use crate::sync::Mutex;
 use crate::waiters::Wakes;
 use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
 
