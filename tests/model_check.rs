@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Every scenario runs under shuttle's PCT and random schedulers
-//! (`TURNSTILE_MODEL_ITERATIONS` schedules each, 2000 by default;
-//! `TURNSTILE_MODEL_SEED` fixes the seeds). Each execution checks that:
+//! (`TURNSTILE_MODEL_ITERATIONS` schedules each; by default 50,000 in release
+//! builds and 2,000 in debug builds; `TURNSTILE_MODEL_SEED` fixes the seeds,
+//! otherwise they are random and printed). Each execution checks that:
 //!
 //! * no limit ever admits more than it may: a shadow count of the slots the
 //!   test's threads hold, raised after a guard is had and lowered before it
@@ -36,6 +37,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use shuttle::rand::{thread_rng, Rng};
 use shuttle::scheduler::{PctScheduler, RandomScheduler, Scheduler};
 use shuttle::sync::Mutex;
 use shuttle::thread;
@@ -46,6 +48,15 @@ use turnstile::{ConcurrencyGuard, Error, Event, LimitConfig, LimitUpdate, Limite
 
 /// Bound on one scenario, both schedulers: generous, only a hang trips it.
 const WATCHDOG: Duration = Duration::from_secs(600);
+
+/// Schedules per scheduler and scenario unless `TURNSTILE_MODEL_ITERATIONS`
+/// says otherwise: as many as CI affords in release builds (about 25 µs an
+/// execution), fewer in debug builds (about 25 times slower).
+const ITERATIONS: usize = if cfg!(debug_assertions) {
+    2_000
+} else {
+    50_000
+};
 
 /// A timeout short enough that the real clock passes it within a few
 /// scheduling points, so that both "granted first" and "timed out first" are
@@ -63,7 +74,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// execution; reports the schedules explored and the time taken.
 fn check(name: &'static str, scenario: fn()) {
     watchdog(WATCHDOG, move || {
-        let iterations = env_or("TURNSTILE_MODEL_ITERATIONS", 2000usize);
+        let iterations = env_or("TURNSTILE_MODEL_ITERATIONS", ITERATIONS);
         let seed = env_or("TURNSTILE_MODEL_SEED", rand_seed());
         let mut config = Config::new();
         // The engine's frames are larger than shuttle's default stack allows
@@ -312,24 +323,30 @@ fn weighted() {
     w.settled();
 }
 
-/// An async acquisition of two limits dropped around the instant it is
-/// granted (before, during or after the release that grants it): nothing
-/// leaks, and a blocked thread queued behind it on both limits gets through.
+/// An async acquisition of two limits, polled once with a waker that does
+/// nothing, then either dropped around the instant it is granted (before,
+/// during or after the release that grants it) or driven to the end with
+/// another waker: nothing leaks, the new waker is the one woken, and a
+/// blocked thread queued behind it on both limits gets through.
 fn cancel_at_grant() {
     let w = World::new("cancel_at_grant", &["a", "b"], &[1, 1], &[1, 1]);
     let held = w.grab(&["a"], 1);
     let h = vec![
         spawn(&w, |w| {
             let mut fut = pin!(w.limiter.concurrency(["a", "b"], 1).into_future());
-            for _ in 0..2 {
-                if let Poll::Ready(guard) = poll_once(&mut fut) {
-                    seen("cancel_at_grant", "ready");
-                    return w.hold(&["a", "b"], guard.expect("no error"));
-                }
-                thread::yield_now();
+            if let Poll::Ready(guard) = poll_once(&mut fut) {
+                seen("cancel_at_grant", "ready at once");
+                return w.hold(&["a", "b"], guard.expect("no error"));
             }
-            // Cancelled: queued, or granted and not yet seen.
-            seen("cancel_at_grant", "cancelled");
+            thread::yield_now();
+            if thread_rng().gen::<bool>() {
+                // Cancelled: queued, or granted and not yet seen.
+                seen("cancel_at_grant", "cancelled");
+                return;
+            }
+            let guard = shuttle::future::block_on(fut).expect("no error");
+            seen("cancel_at_grant", "ready with a new waker");
+            w.hold(&["a", "b"], guard);
         }),
         spawn(&w, |w| {
             w.use_once(&["b"], 1);
@@ -441,6 +458,51 @@ fn update_raise() {
     w.settled();
 }
 
+/// A limit deactivated (then reactivated) or deleted (then recreated) while
+/// a thread holds it and another waits on it and on a second limit: the
+/// waiter goes on with the second limit alone, queued fairly behind nobody
+/// it should not pass.
+fn limit_withdrawn() {
+    // `a` holds nothing for acquisitions once withdrawn: no bound on it.
+    let w = World::new("limit_withdrawn", &["a", "b"], &[1, 1], &[u32::MAX, 1]);
+    let held = w.grab(&["a"], 1);
+    let h = vec![
+        spawn(&w, |w| {
+            let guard = w
+                .limiter
+                .concurrency(["a", "b"], 1)
+                .create_if_missing(false)
+                .acquire();
+            // Only the withdrawal of `a` lets it in: it holds `b` alone.
+            w.hold(&["b"], guard.expect("no error"));
+        }),
+        spawn(&w, |w| w.use_once(&["b"], 1)),
+    ];
+    thread::yield_now();
+    let delete = thread_rng().gen::<bool>();
+    if delete {
+        seen("limit_withdrawn", "deleted");
+        w.limiter.delete_limit("a").expect("delete");
+    } else {
+        seen("limit_withdrawn", "deactivated");
+        w.limiter
+            .update_limit("a", LimitUpdate::new().active(false))
+            .expect("update");
+    }
+    join_all(h);
+    w.give(&["a"], held);
+    if delete {
+        w.limiter
+            .create_limit("a", LimitConfig::new(1))
+            .expect("recreate");
+    } else {
+        w.limiter
+            .update_limit("a", LimitUpdate::new().active(true))
+            .expect("update");
+    }
+    w.settled();
+}
+
 /// `try_acquire` racing a release and a queued multi-limit waiter: it never
 /// takes what the waiter is owed beyond the limit, and the waiter gets through.
 fn try_races_release() {
@@ -501,6 +563,11 @@ fn model_update_lower_raise() {
 #[test]
 fn model_update_raise() {
     check("update_raise", update_raise);
+}
+
+#[test]
+fn model_limit_withdrawn() {
+    check("limit_withdrawn", limit_withdrawn);
 }
 
 #[test]
