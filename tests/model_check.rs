@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Every scenario runs under shuttle's PCT and random schedulers
-//! (`TURNSTILE_MODEL_ITERATIONS` schedules each; by default 50,000 in release
+//! (`TURNSTILE_MODEL_ITERATIONS` schedules each; by default 100,000 in release
 //! builds and 2,000 in debug builds; `TURNSTILE_MODEL_SEED` fixes the seeds,
 //! otherwise they are random and printed). Each execution checks that:
 //!
@@ -50,12 +50,12 @@ use turnstile::{ConcurrencyGuard, Error, Event, LimitConfig, LimitUpdate, Limite
 const WATCHDOG: Duration = Duration::from_secs(600);
 
 /// Schedules per scheduler and scenario unless `TURNSTILE_MODEL_ITERATIONS`
-/// says otherwise: as many as CI affords in release builds (about 25 µs an
+/// says otherwise: as many as CI affords in release builds (about 20 µs an
 /// execution), fewer in debug builds (about 25 times slower).
 const ITERATIONS: usize = if cfg!(debug_assertions) {
     2_000
 } else {
-    50_000
+    100_000
 };
 
 /// A timeout short enough that the real clock passes it within a few
@@ -76,10 +76,7 @@ fn check(name: &'static str, scenario: fn()) {
     watchdog(WATCHDOG, move || {
         let iterations = env_or("TURNSTILE_MODEL_ITERATIONS", ITERATIONS);
         let seed = env_or("TURNSTILE_MODEL_SEED", rand_seed());
-        let mut config = Config::new();
-        // The engine's frames are larger than shuttle's default stack allows
-        // in debug builds.
-        config.stack_size = 1 << 20;
+        let config = Config::new();
         let (pct, pct_time) = run(
             PctScheduler::new_from_seed(seed, 3, iterations),
             &config,
