@@ -7,7 +7,6 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::clock::LazyNow;
@@ -17,7 +16,8 @@ use crate::limiter::{deliver, Limiter, Shared};
 use crate::names::Names;
 use crate::registry::LimitId;
 use crate::state::{Begin, Look, Request};
-use crate::timer::{timer, TimerKey};
+use crate::sync::thread;
+use crate::sync::timer::{timer, TimerKey};
 use crate::waiters::{Ids, Kind, Ticket, Wake, Wakes};
 use crate::Error;
 

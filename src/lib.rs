@@ -84,6 +84,9 @@ mod registry;
 mod slots;
 mod state;
 mod store;
+mod sync;
+// Under the model, crate::sync replaces the timer thread.
+#[cfg_attr(feature = "model", allow(dead_code))]
 mod timer;
 mod waiters;
 

@@ -5,13 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use crate::acquire::{Acquire, RateLimit};
 use crate::event::{Event, Observer};
 use crate::names::IntoNames;
 use crate::state::State;
 use crate::store::{Change, Store};
+use crate::sync::Mutex;
 use crate::waiters::Wakes;
 use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
 
@@ -40,8 +39,15 @@ impl Shared {
             if self.state.lock().reg.lookup(name).is_some() {
                 continue;
             }
-            db.commit(name, &Change::Create(config.clone()))?;
-            let _ = self.state.lock().create(name, &config, Instant::now());
+            match db.commit(name, &Change::Create(config.clone())) {
+                Ok(()) => {
+                    let _ = self.state.lock().create(name, &config, Instant::now());
+                }
+                // Created by another process (the CLI) since the writer last
+                // looked: take its definition now, as the writer would have.
+                Err(Error::AlreadyExists { .. }) => db.pull(&self.state)?,
+                Err(err) => return Err(err),
+            }
         }
         Ok(())
     }

@@ -24,13 +24,13 @@
 //! suffices.
 
 use std::task::Waker;
-use std::thread::Thread;
 use std::time::Instant;
 
 use smallvec::SmallVec;
 
 use crate::registry::LimitId;
 use crate::state::State;
+use crate::sync::thread::Thread;
 use crate::Error;
 
 /// A waiter's place in the global order.

@@ -47,12 +47,11 @@ fn owner(db: &Path) -> Limiter {
 /// (an error `concurrency` does not even document). The soak saw it on
 /// about one acquisition in 10,000 on the limit the CLI re-creates.
 ///
-/// Cause: `Shared::create_missing` (src/limiter.rs) commits the new limit
-/// with `Change::Create`; the insert hits the row the CLI committed, and
-/// the `AlreadyExists` from `Db::commit` is returned to the acquirer instead
-/// of the owner pulling the store's definition and trying again.
+/// It was: `Shared::create_missing` (src/limiter.rs) committed the new
+/// limit, the insert hit the row the CLI had committed, and the
+/// `AlreadyExists` reached the acquirer; now the owner pulls the store's
+/// definition and goes on with it.
 #[test]
-#[ignore = "engine bug: create_missing returns AlreadyExists when the CLI created the limit since the owner last looked"]
 fn acquire_creating_a_limit_the_cli_just_created() {
     watchdog(WATCHDOG, || {
         let dir = TempDir::new("cli-races");

@@ -77,7 +77,7 @@ const R1_DECAYS: [f64; 3] = [50.0, 120.0, 200.0];
 
 /// Whether to put up with the engine bug that
 /// `cli_races::acquire_creating_a_limit_the_cli_just_created` pins.
-const KNOWN_CREATE_RACE: bool = true;
+const KNOWN_CREATE_RACE: bool = false;
 
 /// Short, so that the writer sweeps and picks up CLI edits often.
 const FLUSH: Duration = Duration::from_millis(20);

@@ -19,11 +19,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
-use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::config::{LimitConfig, LimitUpdate};
 use crate::state::State;
+use crate::sync::Mutex;
 use crate::waiters::Wakes;
 use crate::Error;
 use schema::{Definition, Found, SlotRow};
