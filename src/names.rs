@@ -2,8 +2,6 @@
 
 use std::borrow::Cow;
 
-use smallvec::SmallVec;
-
 /// The limit names of one acquisition. Built by [`IntoNames`]; not built
 /// directly.
 #[derive(Debug, Clone)]
@@ -13,17 +11,25 @@ pub struct Names<'a>(Repr<'a>);
 enum Repr<'a> {
     /// The common case.
     One(Cow<'a, str>),
-    /// Up to four names without allocating.
-    Many(SmallVec<[Cow<'a, str>; 4]>),
+    /// Up to four names without allocating, filled from the front. (An
+    /// array keeps `Names` covariant in `'a`, which a `SmallVec` would not.)
+    Few([Option<Cow<'a, str>>; FEW]),
+    Many(Vec<Cow<'a, str>>),
 }
+
+/// Names held inline.
+const FEW: usize = 4;
 
 impl<'a> Names<'a> {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &str> {
-        let (one, many) = match &self.0 {
-            Repr::One(name) => (Some(name.as_ref()), &[][..]),
-            Repr::Many(names) => (None, names.as_slice()),
+        let (one, few, many) = match &self.0 {
+            Repr::One(name) => (Some(name.as_ref()), &[][..], &[][..]),
+            Repr::Few(names) => (None, &names[..], &[][..]),
+            Repr::Many(names) => (None, &[][..], names.as_slice()),
         };
-        one.into_iter().chain(many.iter().map(|n| n.as_ref()))
+        one.into_iter()
+            .chain(few.iter().map_while(|n| n.as_deref()))
+            .chain(many.iter().map(|n| n.as_ref()))
     }
 
     /// The name, if there is exactly one.
@@ -31,7 +37,7 @@ impl<'a> Names<'a> {
     pub(crate) fn single(&self) -> Option<&str> {
         match &self.0 {
             Repr::One(name) => Some(name),
-            Repr::Many(_) => None,
+            Repr::Few(_) | Repr::Many(_) => None,
         }
     }
 
@@ -43,6 +49,7 @@ impl<'a> Names<'a> {
     pub(crate) fn into_owned(self) -> Names<'static> {
         Names(match self.0 {
             Repr::One(name) => Repr::One(Cow::Owned(name.into_owned())),
+            Repr::Few(names) => Repr::Few(names.map(|n| n.map(|n| Cow::Owned(n.into_owned())))),
             Repr::Many(names) => Repr::Many(
                 names
                     .into_iter()
@@ -57,7 +64,24 @@ impl<'a> Names<'a> {
         I: IntoIterator<Item = S>,
         S: Into<Cow<'a, str>>,
     {
-        Names(Repr::Many(names.into_iter().map(Into::into).collect()))
+        let mut names = names.into_iter().map(Into::into);
+        let mut few: [Option<Cow<'a, str>>; FEW] = Default::default();
+        for slot in &mut few {
+            match names.next() {
+                Some(name) => *slot = Some(name),
+                None => return Names(Repr::Few(few)),
+            }
+        }
+        match names.next() {
+            None => Names(Repr::Few(few)),
+            Some(fifth) => Names(Repr::Many(
+                few.into_iter()
+                    .flatten()
+                    .chain([fifth])
+                    .chain(names)
+                    .collect(),
+            )),
+        }
     }
 }
 
@@ -169,5 +193,19 @@ mod tests {
         assert_eq!(list(&owned), ["a", "b"]);
         assert!(list(Vec::<String>::new()).is_empty());
         assert_eq!(["a", "b"].into_names().joined(), "a, b");
+        assert_eq!(list(["a", "b", "c", "d"]), ["a", "b", "c", "d"]);
+        assert_eq!(list(["a", "b", "c", "d", "e"]), ["a", "b", "c", "d", "e"]);
+        let six: Vec<String> = (0..6).map(|i| i.to_string()).collect();
+        assert_eq!(list(six.clone()).len(), 6);
+        assert_eq!(list(six.clone().into_names().into_owned()), six);
+    }
+
+    /// `Names` is covariant: names that live longer serve a shorter use.
+    #[test]
+    fn covariant() {
+        fn shorten<'a>(names: Names<'static>) -> Names<'a> {
+            names
+        }
+        assert_eq!(shorten(["x", "y"].into_names()).joined(), "x, y");
     }
 }
