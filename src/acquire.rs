@@ -5,6 +5,7 @@
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -92,6 +93,31 @@ enum Mode {
     Block,
 }
 
+/// Spins (yielding now and then) for a short while before a queued thread
+/// first parks: holds are often short, and a waiter that is still running
+/// when its slots are handed to it uses them at once, where a parked one
+/// keeps them idle until the scheduler gets round to it; under contention
+/// that difference decides between a queue that drains and a convoy.
+fn spin_until(woken: &AtomicBool) {
+    // Under the model checker every spin would be a schedule to explore.
+    if cfg!(feature = "model") {
+        return;
+    }
+    for i in 0..SPINS {
+        if woken.load(Ordering::Acquire) {
+            return;
+        }
+        if i % 16 == 15 {
+            thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Spin iterations of [`spin_until`].
+const SPINS: u32 = 256;
+
 /// The blocking core: a first attempt, then parking until granted, failed or
 /// out of time. `Ok(None)` only for `Mode::Try`.
 fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Error> {
@@ -99,7 +125,8 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     // and its deadline, start then.
     let mut clock = LazyNow::default();
     let queue = mode == Mode::Block && spec.waits();
-    let wake = || Wake::Thread(thread::current());
+    let woken = Arc::new(AtomicBool::new(false));
+    let wake = || Wake::Thread(thread::current(), woken.clone());
     let begin = loop {
         let begin = shared.state.lock().begin(
             &spec.request(),
@@ -125,6 +152,7 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     };
     let start = clock.get();
     let deadline = spec.deadline(start);
+    spin_until(&woken);
     loop {
         let now = Instant::now();
         let mut wakes = Wakes::new();

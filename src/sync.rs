@@ -20,7 +20,7 @@ pub(crate) use parking_lot::Mutex;
 
 #[cfg(not(feature = "model"))]
 pub(crate) mod thread {
-    pub(crate) use std::thread::{current, park, park_timeout, Thread};
+    pub(crate) use std::thread::{current, park, park_timeout, yield_now, Thread};
 }
 
 #[cfg(not(feature = "model"))]
@@ -52,7 +52,7 @@ mod model {
     pub(crate) mod thread {
         use std::time::Duration;
 
-        pub(crate) use shuttle::thread::{current, park, Thread};
+        pub(crate) use shuttle::thread::{current, park, yield_now, Thread};
 
         /// Returns at a scheduling point of shuttle's choosing.
         pub(crate) fn park_timeout(_: Duration) {

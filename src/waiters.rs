@@ -23,6 +23,8 @@
 //! leaves the reservation enters `held` (or the decaying slots), so one pass
 //! suffices.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
@@ -39,17 +41,21 @@ pub(crate) type Ticket = u64;
 /// Limit ids, inline for the common case of a few names.
 pub(crate) type Ids = SmallVec<[LimitId; 4]>;
 
-/// How to wake a waiter: a parked thread or an async task.
+/// How to wake a waiter: a (possibly still spinning) thread or an async task.
 #[derive(Debug, Clone)]
 pub(crate) enum Wake {
-    Thread(Thread),
+    /// The flag tells a thread that spins before parking to look now.
+    Thread(Thread, Arc<AtomicBool>),
     Task(Waker),
 }
 
 impl Wake {
     pub fn wake(self) {
         match self {
-            Wake::Thread(t) => t.unpark(),
+            Wake::Thread(t, flag) => {
+                flag.store(true, Ordering::Release);
+                t.unpark();
+            }
             Wake::Task(w) => w.wake(),
         }
     }

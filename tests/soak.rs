@@ -75,10 +75,6 @@ const R1: &str = "r1";
 const R1_LIMIT: u32 = 10;
 const R1_DECAYS: [f64; 3] = [50.0, 120.0, 200.0];
 
-/// Whether to put up with the engine bug that
-/// `cli_races::acquire_creating_a_limit_the_cli_just_created` pins.
-const KNOWN_CREATE_RACE: bool = false;
-
 /// Short, so that the writer sweeps and picks up CLI edits often.
 const FLUSH: Duration = Duration::from_millis(20);
 /// Far more than the soak needs: only a hang trips it.
@@ -123,10 +119,9 @@ enum Op {
     DecayChanged,
     CliRuns,
     EngineChecks,
-    KnownBugAlreadyExists,
 }
 
-const OPS: [&str; 23] = [
+const OPS: [&str; 22] = [
     "acquired",
     "refused",
     "timed_out",
@@ -149,7 +144,6 @@ const OPS: [&str; 23] = [
     "decay_changed",
     "cli_runs",
     "engine_checks",
-    "known_bug_already_exists",
 ];
 
 #[derive(Default)]
@@ -355,13 +349,6 @@ impl Ctx {
                 assert!(opts.strict, "NotFound without strict: {e}");
                 assert!(TRACKED.contains(&name.as_str()), "{e}");
                 self.tally.add(Op::NotFound);
-            }
-            // A known engine bug, pinned by tests/cli_races.rs: an acquisition
-            // that creates a missing limit fails with AlreadyExists when the
-            // CLI created it since the owner last looked. Counted, not
-            // hidden; set KNOWN_CREATE_RACE to false once it is fixed.
-            Error::AlreadyExists { ref name } if KNOWN_CREATE_RACE && name == TRACKED[5] => {
-                self.tally.add(Op::KnownBugAlreadyExists);
             }
             Error::NoSlotDecay { ref name } => {
                 assert!(opts.rate && name.starts_with('c'), "{e}");
