@@ -124,9 +124,25 @@ fn open_limiter(db: Option<&PathBuf>) -> Result<Limiter, Error> {
         Some(path) => Limiter::open(path)?,
         None => Limiter::in_memory(),
     };
+    let found = limiter.limits();
     ensure_limit(&limiter, GPU, GPU_SLOTS, 0.0)?;
     // A rate limit is a limit whose slots decay: its capacity is the burst.
     ensure_limit(&limiter, API, API_BURST, API_PER_SECOND)?;
+    if let Some(path) = db {
+        if found.is_empty() {
+            println!("store {}: new, limits created", path.display());
+        } else {
+            // What an earlier run left: definitions, its counters, and the
+            // api bucket drained by the wall-clock time since.
+            println!("store {}: reopened, found from an earlier run:", path.display());
+            for info in &found {
+                println!(
+                    "  {:<4} limit {}, {} slot(s) in use, {} denied so far",
+                    info.name, info.limit, info.active_slots, info.denied_slots
+                );
+            }
+        }
+    }
     Ok(limiter)
 }
 
