@@ -134,7 +134,10 @@ fn open_limiter(db: Option<&PathBuf>) -> Result<Limiter, Error> {
         } else {
             // What an earlier run left: definitions, its counters, and the
             // api bucket drained by the wall-clock time since.
-            println!("store {}: reopened, found from an earlier run:", path.display());
+            println!(
+                "store {}: reopened, found from an earlier run:",
+                path.display()
+            );
             for info in &found {
                 println!(
                     "  {:<4} limit {}, {} slot(s) in use, {} denied so far",

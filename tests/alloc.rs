@@ -167,7 +167,6 @@ fn the_uncontended_hot_path_does_not_allocate_with_a_store() {
 /// The writer's sweep takes the list of changed limits; the first change
 /// after it must not have to allocate a new list.
 #[test]
-#[ignore = "allocates: Registry::take_unsaved (src/registry.rs) mem::takes the unsaved Vec, so the first Registry::touch after each store sweep reallocates it (once per flush_interval)"]
 fn the_first_acquisition_after_a_store_sweep_does_not_allocate() {
     watchdog(WATCHDOG, || {
         assert_counting();

@@ -337,7 +337,7 @@ impl Store {
             conn,
             known: HashMap::new(),
             data_version: 0,
-            spare: Vec::new(),
+            spare: Vec::with_capacity(64),
         };
         db.prepare(found)?;
         db.restore(&state)?;
