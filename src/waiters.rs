@@ -100,6 +100,21 @@ pub(crate) struct Waiter {
     pub wake: Wake,
 }
 
+impl Waiter {
+    /// Counts one more attempt that did not fit; the error if that was one
+    /// more than its `max_retries` allow.
+    fn attempt(&mut self) -> Option<Error> {
+        self.attempts += 1;
+        self.max_retries
+            .is_some_and(|n| self.attempts > n)
+            .then(|| Error::RetriesExhausted {
+                names: self.names.clone(),
+                occupy: self.occupy,
+                attempts: self.attempts,
+            })
+    }
+}
+
 /// A limit whose capacity may have grown, to be pumped.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pump {
@@ -220,13 +235,7 @@ impl State {
                         let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
                         if counts && waiter.counted_in != pump {
                             waiter.counted_in = pump;
-                            waiter.attempts += 1;
-                            if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
-                                let err = Error::RetriesExhausted {
-                                    names: waiter.names.clone(),
-                                    occupy: waiter.occupy,
-                                    attempts: waiter.attempts,
-                                };
+                            if let Some(err) = waiter.attempt() {
                                 self.fail(q.ticket, err, dirty, wakes);
                                 continue;
                             }
@@ -275,13 +284,7 @@ impl State {
                 continue;
             }
             waiter.counted_in = pump;
-            waiter.attempts += 1;
-            if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
-                let err = Error::RetriesExhausted {
-                    names: waiter.names.clone(),
-                    occupy: waiter.occupy,
-                    attempts: waiter.attempts,
-                };
+            if let Some(err) = waiter.attempt() {
                 self.fail(ticket, err, dirty, wakes);
             }
         }
@@ -314,14 +317,8 @@ impl State {
             }
             Fit::No { decay_at, blocker } => {
                 let waiter = self.waiters.get_mut(&ticket).expect("queued");
-                waiter.attempts += 1;
                 waiter.decay_at = decay_at;
-                if waiter.max_retries.is_some_and(|n| waiter.attempts > n) {
-                    let err = Error::RetriesExhausted {
-                        names: waiter.names.clone(),
-                        occupy: waiter.occupy,
-                        attempts: waiter.attempts,
-                    };
+                if let Some(err) = waiter.attempt() {
                     self.fail(ticket, err, &mut dirty, wakes);
                 } else {
                     self.watch(ticket, Some(blocker));

@@ -12,16 +12,13 @@
 
 mod common;
 
-use std::fs;
 use std::hint::black_box;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use allocation_counter::{measure, AllocationInfo};
 use turnstile::{LimitConfig, Limiter};
 
-use common::{watchdog, WATCHDOG};
+use common::{watchdog, TempDir, WATCHDOG};
 
 /// Measured calls per path, after one warm-up call.
 const ROUNDS: usize = 1000;
@@ -32,37 +29,6 @@ const BYTES_PER_IDLE_LIMIT: f64 = 256.0;
 /// A flush interval that never elapses during a test: the writer then sweeps
 /// only when asked to (`flush()`).
 const NEVER: Duration = Duration::from_secs(3600);
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "turnstile-alloc-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos
-        ));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The counter counts on this thread: else a zero would prove nothing.
 fn assert_counting() {
@@ -154,7 +120,7 @@ fn the_uncontended_hot_path_does_not_allocate_in_memory() {
 fn the_uncontended_hot_path_does_not_allocate_with_a_store() {
     watchdog(WATCHDOG, || {
         assert_counting();
-        let dir = TempDir::new();
+        let dir = TempDir::new("alloc");
         let limiter = Limiter::builder()
             .path(dir.path("hot.db"))
             .flush_interval(NEVER)
@@ -170,7 +136,7 @@ fn the_uncontended_hot_path_does_not_allocate_with_a_store() {
 fn the_first_acquisition_after_a_store_sweep_does_not_allocate() {
     watchdog(WATCHDOG, || {
         assert_counting();
-        let dir = TempDir::new();
+        let dir = TempDir::new("alloc");
         let limiter = Limiter::builder()
             .path(dir.path("sweep.db"))
             .flush_interval(NEVER)
@@ -250,7 +216,7 @@ fn an_idle_limit_costs_at_most_256_bytes_in_memory() {
 fn an_idle_limit_costs_at_most_256_bytes_with_a_store() {
     watchdog(WATCHDOG * 4, || {
         assert_counting();
-        let dir = TempDir::new();
+        let dir = TempDir::new("alloc");
         let path = dir.path("idle.db");
         let names = names(IDLE);
         let limiter = Limiter::builder()

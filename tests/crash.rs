@@ -14,16 +14,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{watchdog, WATCHDOG};
+use common::{watchdog, TempDir, WATCHDOG};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
@@ -50,37 +48,6 @@ const GPU_HELD: u32 = 3;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "turnstile-crash-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos
-        ));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -565,7 +532,7 @@ fn check_after_kill(db: &Path, killed_at: f64, took: Option<(f64, f64)>, changes
 #[test]
 fn kill_9_of_an_idle_owner() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("crash");
         let db = dir.path("limits.db");
         let child = spawn_child(&db, "idle");
 
@@ -588,7 +555,7 @@ fn kill_9_of_an_idle_owner() {
 fn kill_9_under_traffic() {
     watchdog(WATCHDOG, || {
         for round in 0..4u64 {
-            let dir = TempDir::new();
+            let dir = TempDir::new("crash");
             let db = dir.path("limits.db");
             let mut child = spawn_child(&db, "traffic");
 

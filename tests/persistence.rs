@@ -10,11 +10,10 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{eventually, watchdog, WATCHDOG};
+use common::{eventually, watchdog, TempDir, WATCHDOG};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
@@ -51,37 +50,6 @@ const NEVER: Duration = Duration::from_secs(3600);
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A unique directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "turnstile-persistence-{}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos
-        ));
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn unix_now() -> f64 {
     SystemTime::now()
@@ -269,7 +237,7 @@ fn noise(len: usize) -> Vec<u8> {
 #[test]
 fn new_store_is_versioned_and_in_wal_mode() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = Limiter::open(&db).expect("create store");
         assert!(db.exists(), "open creates the file");
@@ -285,7 +253,7 @@ fn new_store_is_versioned_and_in_wal_mode() {
 #[test]
 fn version_1_store_is_migrated_forward_on_open() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("v1.db");
         let written_at = unix_now();
         {
@@ -368,7 +336,7 @@ CREATE TABLE meta (
 #[test]
 fn version_2_store_is_migrated_forward_on_open() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("v2.db");
         {
             let conn = Connection::open(&db).expect("create v2 file");
@@ -432,7 +400,7 @@ fn version_2_store_is_migrated_forward_on_open() {
 #[test]
 fn definitions_are_committed_before_the_call_returns() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         // The writer never wakes by itself: only the calls themselves write.
         let limiter = open_long_interval(&db);
@@ -501,7 +469,7 @@ fn definitions_are_committed_before_the_call_returns() {
 #[test]
 fn slot_state_is_durable_after_flush() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = open_long_interval(&db);
         limiter.create_limit("gpu", LimitConfig::new(4)).unwrap();
@@ -556,7 +524,7 @@ fn slot_state_is_durable_after_flush() {
 #[test]
 fn slot_state_is_written_behind_without_flush() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = Limiter::builder()
             .path(&db)
@@ -581,7 +549,7 @@ fn slot_state_is_written_behind_without_flush() {
 #[test]
 fn dropping_the_last_clone_flushes() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = open_long_interval(&db);
         limiter
@@ -614,7 +582,7 @@ fn flush_in_memory_is_ok() {
 #[test]
 fn decaying_slots_come_back_drained_by_wall_time() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = Limiter::open(&db).unwrap();
         limiter
@@ -658,7 +626,7 @@ fn decaying_slots_come_back_drained_by_wall_time() {
 #[test]
 fn held_slots_of_the_previous_owner_are_free_after_reopen() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         {
             let limiter = Limiter::open(&db).unwrap();
@@ -698,7 +666,7 @@ fn store_with_decaying_at(db: &Path, decaying_at: &str) {
 #[test]
 fn decaying_at_in_the_far_future_drains_nothing() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         store_with_decaying_at(&db, "1e12");
         let limiter = Limiter::open(&db).expect("a future timestamp is no error");
@@ -713,7 +681,7 @@ fn decaying_at_in_the_far_future_drains_nothing() {
 #[test]
 fn decaying_at_in_the_far_past_drains_everything() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         store_with_decaying_at(&db, "0");
         let limiter = Limiter::open(&db).expect("open");
@@ -752,7 +720,7 @@ fn assert_in_use(result: Result<Limiter, Error>, path: &Path) {
 #[test]
 fn a_second_open_in_the_same_process_is_store_in_use() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let first = Limiter::open(&db).unwrap();
         first.create_limit("gpu", LimitConfig::new(2)).unwrap();
@@ -780,7 +748,7 @@ fn a_second_open_in_the_same_process_is_store_in_use() {
 #[test]
 fn clones_and_guards_keep_the_store_owned() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("limits.db");
         let limiter = Limiter::open(&db).unwrap();
         limiter.create_limit("gpu", LimitConfig::new(2)).unwrap();
@@ -810,7 +778,7 @@ fn clones_and_guards_keep_the_store_owned() {
 #[test]
 fn random_bytes_are_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("random.db");
         fs::write(&db, noise(8192)).unwrap();
         assert_rejected_untouched(&db, "random bytes");
@@ -820,7 +788,7 @@ fn random_bytes_are_rejected_untouched() {
 #[test]
 fn a_text_file_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("notes.txt");
         let text = "Dear diary,\ntoday I tried to open a text file as a database.\n".repeat(40);
         fs::write(&db, text).unwrap();
@@ -831,7 +799,7 @@ fn a_text_file_is_rejected_untouched() {
 #[test]
 fn a_tiny_file_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("tiny.db");
         fs::write(&db, b"hello").unwrap();
         assert_rejected_untouched(&db, "5-byte file");
@@ -841,7 +809,7 @@ fn a_tiny_file_is_rejected_untouched() {
 #[test]
 fn an_sqlite_header_over_garbage_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("corrupt.db");
         let mut bytes = b"SQLite format 3\0".to_vec();
         bytes.extend(noise(4096 - 16));
@@ -853,7 +821,7 @@ fn an_sqlite_header_over_garbage_is_rejected_untouched() {
 #[test]
 fn another_applications_database_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("users.db");
         {
             let conn = Connection::open(&db).unwrap();
@@ -893,7 +861,7 @@ fn foreign_wal_database(db: &Path) {
 #[test]
 fn another_applications_wal_database_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("users-wal.db");
         foreign_wal_database(&db);
         assert_rejected_bytes_untouched(&db, "unrelated SQLite database in WAL mode");
@@ -903,7 +871,7 @@ fn another_applications_wal_database_is_rejected_untouched() {
 #[test]
 fn another_applications_wal_database_gets_no_sidecars() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("users-wal.db");
         foreign_wal_database(&db);
         assert!(Limiter::open(&db).is_err());
@@ -914,7 +882,7 @@ fn another_applications_wal_database_gets_no_sidecars() {
 #[test]
 fn an_empty_sqlite_database_with_unrelated_pragmas_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("other-app.db");
         {
             let conn = Connection::open(&db).unwrap();
@@ -938,7 +906,7 @@ fn future_store(db: &Path) {
 #[test]
 fn a_newer_store_version_is_rejected_untouched() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("future.db");
         future_store(&db);
         assert_rejected_bytes_untouched(&db, "store version 99");
@@ -949,7 +917,7 @@ fn a_newer_store_version_is_rejected_untouched() {
 #[test]
 fn a_newer_store_version_gets_no_new_sidecars() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("future.db");
         future_store(&db);
         let before = sidecars(&db);
@@ -993,7 +961,7 @@ fn read_only_store(dir: &TempDir) -> Option<PathBuf> {
 #[test]
 fn a_read_only_store_is_a_storage_error() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let Some(db) = read_only_store(&dir) else {
             return;
         };
@@ -1014,7 +982,7 @@ fn a_read_only_store_is_a_storage_error() {
 #[test]
 fn a_read_only_store_gets_no_new_sidecars() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let Some(db) = read_only_store(&dir) else {
             return;
         };
@@ -1029,7 +997,7 @@ fn a_read_only_store_gets_no_new_sidecars() {
 #[test]
 fn a_path_in_a_missing_directory_is_a_storage_error() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let missing = dir.path("no-such-dir");
         let db = missing.join("limits.db");
         let result = Limiter::open(&db);
@@ -1042,7 +1010,7 @@ fn a_path_in_a_missing_directory_is_a_storage_error() {
 #[test]
 fn an_empty_file_becomes_a_store() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("empty.db");
         fs::File::create(&db).unwrap().flush().unwrap();
         let limiter = Limiter::open(&db).expect("an empty file is a new store");
@@ -1058,7 +1026,7 @@ fn an_empty_file_becomes_a_store() {
 #[test]
 fn awkward_names_round_trip_verbatim() {
     watchdog(WATCHDOG, || {
-        let dir = TempDir::new();
+        let dir = TempDir::new("persistence");
         let db = dir.path("names.db");
         let long = format!("{}x", "é".repeat(127)); // 255 bytes
         let names: Vec<String> = vec![
