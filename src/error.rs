@@ -117,6 +117,76 @@ pub enum Error {
     },
 }
 
+/// Equal when the variant and its figures are; a `Storage` error's `source`
+/// is left out, since underlying errors cannot be compared.
+///
+/// ```
+/// use turnstile::Error;
+/// assert_eq!(Error::InvalidOccupy { occupy: 0 }, Error::InvalidOccupy { occupy: 0 });
+/// assert_ne!(Error::NotFound { name: "a".into() }, Error::AlreadyExists { name: "a".into() });
+/// ```
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        use Error::*;
+        match (self, other) {
+            (
+                Timeout {
+                    names,
+                    occupy,
+                    waited,
+                },
+                Timeout {
+                    names: n,
+                    occupy: o,
+                    waited: w,
+                },
+            ) => (names, occupy, waited) == (n, o, w),
+            (
+                RetriesExhausted {
+                    names,
+                    occupy,
+                    attempts,
+                },
+                RetriesExhausted {
+                    names: n,
+                    occupy: o,
+                    attempts: a,
+                },
+            ) => (names, occupy, attempts) == (n, o, a),
+            (
+                OccupyExceedsLimit {
+                    name,
+                    occupy,
+                    limit,
+                },
+                OccupyExceedsLimit {
+                    name: n,
+                    occupy: o,
+                    limit: l,
+                },
+            ) => (name, occupy, limit) == (n, o, l),
+            (InvalidOccupy { occupy }, InvalidOccupy { occupy: o }) => occupy == o,
+            (NotFound { name }, NotFound { name: n })
+            | (AlreadyExists { name }, AlreadyExists { name: n })
+            | (NoSlotDecay { name }, NoSlotDecay { name: n }) => name == n,
+            (InvalidName { name, reason }, InvalidName { name: n, reason: r })
+            | (InvalidConfig { name, reason }, InvalidConfig { name: n, reason: r }) => {
+                (name, reason) == (n, r)
+            }
+            (StoreInUse { path, pid }, StoreInUse { path: p, pid: i }) => (path, pid) == (p, i),
+            (
+                Storage { path, message, .. },
+                Storage {
+                    path: p,
+                    message: m,
+                    ..
+                },
+            ) => (path, message) == (p, m),
+            _ => false,
+        }
+    }
+}
+
 impl Error {
     /// Whether this is [`Error::Timeout`].
     ///

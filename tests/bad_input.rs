@@ -493,3 +493,30 @@ fn error_is_a_std_error_that_can_cross_threads() {
     let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(err);
     assert!(boxed.to_string().contains("missing"));
 }
+
+/// Errors compare by variant and figures, so callers can match them exactly.
+#[test]
+fn errors_compare_equal_by_variant_and_figures() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("gpu", LimitConfig::new(2)).unwrap();
+    assert_eq!(
+        limiter.concurrency("gpu", 0).try_acquire().unwrap_err(),
+        Error::InvalidOccupy { occupy: 0 }
+    );
+    assert_eq!(
+        limiter.concurrency("gpu", 3).try_acquire().unwrap_err(),
+        Error::OccupyExceedsLimit {
+            name: "gpu".into(),
+            occupy: 3,
+            limit: 2
+        }
+    );
+    assert_eq!(
+        limiter.create_limit("gpu", LimitConfig::new(1)).unwrap_err(),
+        Error::AlreadyExists { name: "gpu".into() }
+    );
+    assert_ne!(
+        limiter.delete_limit("cpu").unwrap_err(),
+        Error::NotFound { name: "gpu".into() }
+    );
+}
