@@ -221,6 +221,12 @@ impl State {
                 };
                 if !limit.slots.fits_held(reserved, q.occupy) {
                     // Everyone behind needs at least as much: stop here.
+                    if all {
+                        // The limit changed (lowered, say): those behind are
+                        // now held back by it, whatever they watched and
+                        // whenever their decay was due.
+                        self.held_back_by(idx, pos);
+                    }
                     break;
                 }
                 if !all && !q.watch {
@@ -257,7 +263,7 @@ impl State {
                 }
             }
             if counts {
-                self.count_retries(idx, pump, dirty, wakes);
+                self.count_retries(idx, pump, now, dirty, wakes);
             }
         }
     }
@@ -266,7 +272,14 @@ impl State {
     /// on it with a retry budget that was not looked at already, fit or not
     /// (as a Prefect client counts each denied poll), and fails those out of
     /// budget. Waiters without a budget cost nothing here.
-    fn count_retries(&mut self, idx: u32, pump: u64, dirty: &mut Dirty, wakes: &mut Wakes) {
+    fn count_retries(
+        &mut self,
+        idx: u32,
+        pump: u64,
+        now: Instant,
+        dirty: &mut Dirty,
+        wakes: &mut Wakes,
+    ) {
         let Some(limit) = self.reg.get(idx).filter(|l| l.retriers > 0) else {
             return;
         };
@@ -277,15 +290,42 @@ impl State {
             .map(|q| q.ticket)
             .collect();
         for ticket in budgeted {
-            let Some(waiter) = self.waiters.get_mut(&ticket) else {
+            let Some(waiter) = self.waiters.get(&ticket) else {
                 continue;
             };
             if !matches!(waiter.status, Status::Queued) || waiter.counted_in == pump {
                 continue;
             }
-            waiter.counted_in = pump;
-            if let Some(err) = waiter.attempt() {
-                self.fail(ticket, err, dirty, wakes);
+            // It checks again: it may fit (its decay came due and its own
+            // retry has not run yet).
+            match self.fit(ticket, now, None) {
+                Fit::Yes => self.grant(ticket, now, now, dirty, wakes),
+                Fit::No { decay_at, blocker } => {
+                    let waiter = self.waiters.get_mut(&ticket).expect("queued");
+                    waiter.counted_in = pump;
+                    waiter.decay_at = decay_at;
+                    match waiter.attempt() {
+                        Some(err) => self.fail(ticket, err, dirty, wakes),
+                        None => self.watch(ticket, Some(blocker)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The waiters of limit `idx` from queue position `from` on do not fit
+    /// its held slots and reservations: they watch it, and no decay instant
+    /// of theirs stands (so none is backdated to).
+    fn held_back_by(&mut self, idx: u32, from: usize) {
+        let Some(limit) = self.reg.get(idx) else {
+            return;
+        };
+        let behind: SmallVec<[Ticket; 8]> =
+            limit.queue.iter().skip(from).map(|q| q.ticket).collect();
+        for ticket in behind {
+            if let Some(waiter) = self.waiters.get_mut(&ticket) {
+                waiter.decay_at = None;
+                self.watch(ticket, Some(idx));
             }
         }
     }
@@ -462,7 +502,9 @@ impl State {
             } else {
                 // What held it back may have been this limit: until it is
                 // looked at again, it watches everything it waits for.
-                dirty.extend(waiter.ids.iter().map(|id| Pump::watchers(id.idx, true)));
+                // No retry for anyone: the limits it still waits for did not
+                // change.
+                dirty.extend(waiter.ids.iter().map(|id| Pump::watchers(id.idx, false)));
                 self.watch(q.ticket, None);
             }
         }

@@ -512,7 +512,9 @@ fn errors_compare_equal_by_variant_and_figures() {
         }
     );
     assert_eq!(
-        limiter.create_limit("gpu", LimitConfig::new(1)).unwrap_err(),
+        limiter
+            .create_limit("gpu", LimitConfig::new(1))
+            .unwrap_err(),
         Error::AlreadyExists { name: "gpu".into() }
     );
     assert_ne!(
