@@ -69,6 +69,39 @@
 //! })?;
 //! # Ok::<(), turnstile::Error>(())
 //! ```
+//!
+//! ## Persistence
+//!
+//! [`Limiter::open`] keeps the limits in an SQLite file. Definitions are
+//! committed before each call returns; slot state is written behind by one
+//! thread, at most once per `flush_interval`, and never on the acquire path.
+//! On reopening, decaying slots come back drained by the time that passed and
+//! the dead owner's held slots are free. One live limiter owns a store
+//! ([`Error::StoreInUse`] otherwise).
+//!
+//! ```
+//! # use turnstile::{Limiter, LimitConfig};
+//! # let dir = std::env::temp_dir().join(format!("turnstile-lib-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("limits.db");
+//! # let _ = std::fs::remove_file(&path);
+//! {
+//!     let limiter = Limiter::open(&path)?;
+//!     limiter.create_limit("gpu", LimitConfig::new(2))?;
+//! } // dropped: flushed and closed
+//! let limiter = Limiter::open(&path)?;
+//! assert_eq!(limiter.limit("gpu").unwrap().limit, 2);
+//! # drop(limiter);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), turnstile::Error>(())
+//! ```
+//!
+//! ## Operating limits
+//!
+//! The `turnstile` binary (`turnstile --db limits.db ls`, `create`, `update`,
+//! `enable`, `disable`, `reset`, `delete`, `inspect`, `watch`) administers a
+//! store, also while its owner runs; the owner applies what it changes
+//! within `flush_interval`. [`Admin`] is the same from code.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
