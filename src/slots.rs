@@ -96,6 +96,9 @@ impl Slots {
         if !self.fits_held(reserved, occupy) {
             return None;
         }
+        // A `now` read before the last take (its reader waited for the
+        // lock) counts from that take: decay has not started before it.
+        let now = now.max(self.at);
         let excess = self.decaying(now) - self.room(reserved, occupy);
         if excess <= EPSILON {
             return Some(now);
@@ -167,6 +170,18 @@ mod tests {
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)
+    }
+
+    /// A `now` read before the last take (its reader waited for the lock)
+    /// must not make the fit instant early.
+    #[test]
+    fn fits_at_from_a_clock_read_before_the_last_take_is_not_early() {
+        let t = Instant::now();
+        let mut s = Slots::new(1, 10.0, t);
+        s.take_decaying(1, t + secs(1.0));
+        let at = s.fits_at(0, 1, t + secs(0.5)).unwrap();
+        assert!(s.fits(0, 1, at), "fits_at said {:?} after t", at - t);
+        assert!(at - t < secs(1.1) + secs(1e-6), "{:?}", at - t);
     }
 
     #[test]

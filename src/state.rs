@@ -443,7 +443,7 @@ impl State {
         let mut dirty = Dirty::new();
         if was_active && !active {
             // Deactivated: its waiters stop waiting for it.
-            self.forget_limit(idx, false, &mut dirty, wakes);
+            self.forget_limit(idx, false, now, &mut dirty, wakes);
         } else if active {
             self.fail_impossible(idx, &mut dirty, wakes);
             dirty.push(Pump::everyone(idx));
@@ -455,7 +455,7 @@ impl State {
     pub fn delete(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<(), Error> {
         let idx = self.find(name)?;
         let mut dirty = Dirty::new();
-        self.forget_limit(idx, true, &mut dirty, wakes);
+        self.forget_limit(idx, true, now, &mut dirty, wakes);
         self.reg.remove(idx);
         self.pump(&mut dirty, now, wakes);
         Ok(())

@@ -246,16 +246,7 @@ impl State {
                                 continue;
                             }
                         }
-                        let earlier = match (decay_at, waiter.decay_at) {
-                            (Some(new), Some(old)) => new < old,
-                            (new, _) => new.is_some(),
-                        };
-                        waiter.decay_at = decay_at;
-                        if earlier {
-                            // Its timer is set too late (or not at all): re-arm.
-                            wakes.push(waiter.wake.clone());
-                        }
-                        self.watch(q.ticket, Some(blocker));
+                        self.not_yet(q.ticket, decay_at, blocker, wakes);
                         passed += u32::from(blocker == idx);
                         reserved += u64::from(q.occupy);
                         pos += 1;
@@ -303,14 +294,35 @@ impl State {
                 Fit::No { decay_at, blocker } => {
                     let waiter = self.waiters.get_mut(&ticket).expect("queued");
                     waiter.counted_in = pump;
-                    waiter.decay_at = decay_at;
                     match waiter.attempt() {
                         Some(err) => self.fail(ticket, err, dirty, wakes),
-                        None => self.watch(ticket, Some(blocker)),
+                        None => self.not_yet(ticket, decay_at, blocker, wakes),
                     }
                 }
             }
         }
+    }
+
+    /// A waiter looked at does not fit yet: it watches `blocker`, and if
+    /// decay will let it in earlier than its timer is set for (or it has no
+    /// timer), it is woken to re-arm it.
+    fn not_yet(
+        &mut self,
+        ticket: Ticket,
+        decay_at: Option<Instant>,
+        blocker: u32,
+        wakes: &mut Wakes,
+    ) {
+        let waiter = self.waiters.get_mut(&ticket).expect("queued");
+        let earlier = match (decay_at, waiter.decay_at) {
+            (Some(new), Some(old)) => new < old,
+            (new, _) => new.is_some(),
+        };
+        waiter.decay_at = decay_at;
+        if earlier {
+            wakes.push(waiter.wake.clone());
+        }
+        self.watch(ticket, Some(blocker));
     }
 
     /// The waiters of limit `idx` from queue position `from` on do not fit
@@ -480,7 +492,18 @@ impl State {
 
     /// Drops limit `idx` from the needs of every waiter queued on it (it was
     /// deactivated or deleted); strict waiters fail when it is deleted.
-    pub fn forget_limit(&mut self, idx: u32, deleted: bool, dirty: &mut Dirty, wakes: &mut Wakes) {
+    ///
+    /// For the others, losing one of their limits is a change of their
+    /// limits: each checks again, counting an attempt if it still does not
+    /// fit.
+    pub fn forget_limit(
+        &mut self,
+        idx: u32,
+        deleted: bool,
+        now: Instant,
+        dirty: &mut Dirty,
+        wakes: &mut Wakes,
+    ) {
         let Some(limit) = self.reg.get_mut(idx) else {
             return;
         };
@@ -489,6 +512,7 @@ impl State {
         limit.watchers = 0;
         limit.retriers = 0;
         let name = limit.name.to_string();
+        let mut affected: SmallVec<[Ticket; 8]> = SmallVec::new();
         for q in queue {
             let waiter = self.waiters.get_mut(&q.ticket).expect("queued");
             waiter.ids.retain(|id| id.idx != idx);
@@ -500,12 +524,23 @@ impl State {
                 waiter.status = Status::Granted;
                 wakes.push(waiter.wake.clone());
             } else {
-                // What held it back may have been this limit: until it is
-                // looked at again, it watches everything it waits for.
-                // No retry for anyone: the limits it still waits for did not
-                // change.
-                dirty.extend(waiter.ids.iter().map(|id| Pump::watchers(id.idx, false)));
-                self.watch(q.ticket, None);
+                affected.push(q.ticket);
+            }
+        }
+        // In ticket order, once this limit is out of every waiter's needs.
+        for ticket in affected {
+            if !matches!(self.waiters[&ticket].status, Status::Queued) {
+                continue;
+            }
+            match self.fit(ticket, now, None) {
+                Fit::Yes => self.grant(ticket, now, now, dirty, wakes),
+                Fit::No { decay_at, blocker } => {
+                    let waiter = self.waiters.get_mut(&ticket).expect("queued");
+                    match waiter.attempt() {
+                        Some(err) => self.fail(ticket, err, dirty, wakes),
+                        None => self.not_yet(ticket, decay_at, blocker, wakes),
+                    }
+                }
             }
         }
     }

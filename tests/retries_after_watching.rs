@@ -1,22 +1,32 @@
 //! Retry budgets and decay instants with one watched limit per waiter:
 //! regressions a review found (a retry charged for a change of an unrelated
 //! limit, a waiter that fits failed for retries, a late grant backdated to
-//! when it did not fit).
+//! when it did not fit, a retry count that set a decay instant without
+//! arming a timer, a deactivation that cost no attempt).
 
 mod common;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use common::{eventually, watchdog, WATCHDOG};
-use turnstile::{LimitConfig, LimitUpdate, Limiter};
+use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
 struct Noop;
 impl Wake for Noop {
     fn wake(self: Arc<Self>) {}
+}
+
+/// A waker that raises a flag.
+struct Flag(AtomicBool);
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
@@ -137,5 +147,124 @@ fn a_late_grant_is_not_backdated_to_when_it_did_not_fit() {
         let a = limiter.limit("a").unwrap();
         assert_eq!(a.active_slots, 1, "W's slot on a was charged from the past");
         assert!(!limiter.rate_limit("a", 1).try_acquire().unwrap());
+    });
+}
+
+/// W (occupy 2, with a retry budget) is held back by held slots on `a` (it
+/// watches `a`, no timer) and by decay on `b` (2 decaying of 3). One guard on both is released: the
+/// pump of `b` runs first, its retry count finds W fits `a` now and needs
+/// only `b`'s decay, moves W's watch to `b` and sets its decay instant, but
+/// wakes nobody; the pump of `a` then skips W (no longer watching `a`). W
+/// has no timer: with no timeout, it sleeps forever (the watchdog fires)
+/// although it fits after 200 ms.
+#[test]
+fn a_retry_count_that_finds_a_decay_instant_arms_the_timer() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+        limiter
+            .create_limit("b", LimitConfig::new(3).slot_decay_per_second(5.0))
+            .unwrap();
+        // b: 2 decaying slots, then 1 held (with 1 on a) by `both`.
+        assert!(limiter.rate_limit("b", 2).try_acquire().unwrap());
+        let both = limiter.concurrency(["a", "b"], 1).acquire().unwrap();
+        let w = {
+            let limiter = limiter.clone();
+            std::thread::spawn(move || {
+                limiter
+                    .concurrency(["a", "b"], 2)
+                    .max_retries(5)
+                    .acquire()
+                    .map(|_| ())
+            })
+        };
+        assert!(eventually(Duration::from_secs(10), || {
+            limiter.limit("a").unwrap().waiters == 1
+        }));
+        drop(both);
+        // One of b's decaying slots drains in 200 ms; then W fits both.
+        match w.join().unwrap() {
+            Ok(()) => {}
+            Err(e) => panic!("W fitted after 200 ms of decay, yet: {e}"),
+        }
+    });
+}
+
+/// The same with a hand-polled future: after the release, W's waker must be
+/// called (within the decay time, generously bounded).
+#[test]
+fn a_retry_count_that_finds_a_decay_instant_wakes_the_task() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+        limiter
+            .create_limit("b", LimitConfig::new(3).slot_decay_per_second(5.0))
+            .unwrap();
+        // b: 2 decaying slots, then 1 held (with 1 on a) by `both`.
+        assert!(limiter.rate_limit("b", 2).try_acquire().unwrap());
+        let both = limiter.concurrency(["a", "b"], 1).acquire().unwrap();
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut w = limiter
+            .concurrency(["a", "b"], 2)
+            .max_retries(5)
+            .into_future();
+        assert!(Pin::new(&mut w)
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        drop(both);
+        assert!(
+            eventually(Duration::from_secs(5), || flag.0.load(Ordering::SeqCst)),
+            "W was never woken (no timer armed for its decay instant)"
+        );
+        // Once woken and polled after the decay, it is granted.
+        assert!(eventually(Duration::from_secs(5), || {
+            matches!(
+                Pin::new(&mut w).poll(&mut Context::from_waker(&waker)),
+                Poll::Ready(Ok(_))
+            )
+        }));
+    });
+}
+
+/// API.md: a waiter with `max_retries` is attempted once each time it is
+/// woken by "a release, decay, an update of its limits". Deactivating one
+/// of its limits is an update of its limits (and a no-op update of the same
+/// limit is charged), but since 8bc71d9 it costs no attempt.
+#[test]
+fn deactivating_a_named_limit_is_an_attempt() {
+    watchdog(WATCHDOG, || {
+        for deactivate in [true, false] {
+            let limiter = Limiter::in_memory();
+            limiter.create_limit("a", LimitConfig::new(1)).unwrap();
+            limiter.create_limit("b", LimitConfig::new(1)).unwrap();
+            let _ga = limiter.concurrency("a", 1).acquire().unwrap();
+            let _gb = limiter.concurrency("b", 1).acquire().unwrap();
+            let mut w = limiter
+                .concurrency(["a", "b"], 1)
+                .max_retries(1)
+                .into_future();
+            let waker = Waker::from(Arc::new(Flag(AtomicBool::new(false))));
+            let mut cx = Context::from_waker(&waker);
+            assert!(Pin::new(&mut w).poll(&mut cx).is_pending());
+            // An update of a: W's one retry, denied (b is full): out of
+            // retries.
+            let update = if deactivate {
+                LimitUpdate::new().active(false)
+            } else {
+                LimitUpdate::new().limit(1)
+            };
+            limiter.update_limit("a", update).unwrap();
+            match Pin::new(&mut w).poll(&mut cx) {
+                Poll::Ready(Err(Error::RetriesExhausted { attempts, .. })) => {
+                    assert_eq!(attempts, 2)
+                }
+                Poll::Ready(r) => panic!("deactivate={deactivate}: {:?}", r.map(|_| ())),
+                Poll::Pending => panic!(
+                    "deactivate={deactivate}: an update of one of its limits after its \
+                     first attempt, max_retries(1), yet still waiting"
+                ),
+            }
+        }
     });
 }
