@@ -295,3 +295,309 @@ fn random_ops_lose_no_wake_up() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------
+// A wider generator (third review): five limits mixing held-only and decaying
+// ones, occupy 1..=3, retry budgets 0..=3, timeouts, strict waiters, pauses
+// (limit 0), decay rates switched on and off, deactivation and reactivation,
+// deletes without re-creation, try_acquire. Errors are checked against the
+// options that allow them.
+
+const WIDE: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+struct WidePending {
+    p: Pending,
+    rate: bool,
+    retries: Option<u32>,
+    timeout: bool,
+    strict: bool,
+}
+
+fn wide_check_err(w: &WidePending, err: &turnstile::Error, log: &[String]) {
+    use turnstile::Error as E;
+    let ok = match err {
+        E::Timeout { .. } => w.timeout,
+        E::RetriesExhausted { attempts, .. } => w.retries.is_some_and(|r| *attempts == r + 1),
+        E::NotFound { .. } => w.strict,
+        E::NoSlotDecay { .. } => w.rate,
+        E::OccupyExceedsLimit { .. } => true,
+        _ => false,
+    };
+    assert!(
+        ok,
+        "{}: unexpected error {err:?}\nlog tail: {:#?}",
+        w.p.desc,
+        &log[log.len().saturating_sub(40)..]
+    );
+}
+
+fn wide_poll_woken(
+    limiter: &Limiter,
+    pending: &mut Vec<WidePending>,
+    guards: &mut Vec<ConcurrencyGuard>,
+    log: &[String],
+    e: &Epochs,
+) {
+    loop {
+        let mut any = false;
+        let mut i = 0;
+        while i < pending.len() {
+            if pending[i].p.flag.0.load(Ordering::SeqCst) {
+                any = true;
+                match poll(&mut pending[i].p) {
+                    Poll::Pending => i += 1,
+                    Poll::Ready(r) => {
+                        let w = pending.swap_remove(i);
+                        match r {
+                            Ok(g) => {
+                                check_capacity(
+                                    limiter,
+                                    &w.p,
+                                    e,
+                                    &format!("{} (after {:?})", w.p.desc, log.last()),
+                                    log,
+                                );
+                                if let Some(g) = g {
+                                    guards.push(g);
+                                }
+                            }
+                            Err(err) => wide_check_err(&w, &err, log),
+                        }
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+}
+
+fn wide_run(seed: u64, steps: usize) -> usize {
+    eprintln!("wide seed {seed}");
+    let mut rng = Rng::new(seed);
+    let limiter = Limiter::in_memory();
+    let rates = [0.0, 0.0, 20.0, 100.0, 300.0];
+    let cfg = |rng: &mut Rng| {
+        LimitConfig::new(1 + rng.below(4) as u32)
+            .slot_decay_per_second(rates[rng.below(rates.len() as u64) as usize])
+    };
+    for n in WIDE {
+        let c = cfg(&mut rng);
+        limiter.create_limit(n, c).unwrap();
+    }
+    let mut pending: Vec<WidePending> = Vec::new();
+    let mut guards: Vec<ConcurrencyGuard> = Vec::new();
+    let mut log: Vec<String> = Vec::new();
+    let mut epochs = Epochs::new();
+    for n in WIDE {
+        disturb(&mut epochs, n);
+    }
+    let mut ops = 0;
+    for step in 0..steps {
+        let op = rng.below(100);
+        let desc;
+        if op < 38 {
+            let mut names: Vec<String> = WIDE
+                .iter()
+                .filter(|_| rng.chance(35))
+                .map(|s| s.to_string())
+                .collect();
+            if names.is_empty() {
+                names.push(WIDE[rng.below(5) as usize].to_string());
+            }
+            let occupy = 1 + rng.below(3) as u32;
+            let retries = rng.chance(50).then(|| rng.below(4) as u32);
+            let rate = rng.chance(40);
+            let timeout = rng
+                .chance(20)
+                .then(|| Duration::from_millis(rng.below(200)));
+            let strict = rng.chance(15);
+            let create = rng.chance(70);
+            macro_rules! opts {
+                ($b:expr) => {{
+                    let mut b = $b.strict(strict).create_if_missing(create);
+                    if let Some(r) = retries {
+                        b = b.max_retries(r);
+                    }
+                    if let Some(t) = timeout {
+                        b = b.timeout(t);
+                    }
+                    b.into_future()
+                }};
+            }
+            let fut = if rate {
+                Fut::R(opts!(limiter.rate_limit(names.clone(), occupy)))
+            } else {
+                Fut::C(opts!(limiter.concurrency(names.clone(), occupy)))
+            };
+            desc = format!(
+                "step {step}: new {} {names:?} occupy {occupy} retries {retries:?} timeout {timeout:?} strict {strict} create {create}",
+                if rate { "rate" } else { "conc" }
+            );
+            let epochs_now = names
+                .iter()
+                .map(|n| {
+                    let x = epochs.entry(n.clone()).or_insert((0, Instant::now()));
+                    (x.0, x.1.elapsed() > Duration::from_millis(300))
+                })
+                .collect();
+            let p = Pending {
+                epochs: epochs_now,
+                fut,
+                flag: Arc::new(Flag(AtomicBool::new(false))),
+                names,
+                desc: desc.clone(),
+            };
+            p.flag.0.store(true, Ordering::SeqCst);
+            pending.push(WidePending {
+                p,
+                rate,
+                retries,
+                timeout: timeout.is_some(),
+                strict,
+            });
+        } else if op < 58 {
+            if guards.is_empty() {
+                continue;
+            }
+            let i = rng.below(guards.len() as u64) as usize;
+            drop(guards.swap_remove(i));
+            desc = format!("step {step}: drop guard {i}");
+        } else if op < 62 {
+            if pending.is_empty() {
+                continue;
+            }
+            let i = rng.below(pending.len() as u64) as usize;
+            let w = pending.swap_remove(i);
+            desc = format!("step {step}: cancel {}", w.p.desc);
+        } else if op < 64 {
+            let names: Vec<&str> = WIDE.iter().copied().filter(|_| rng.chance(40)).collect();
+            let occupy = 1 + rng.below(3) as u32;
+            desc = format!("step {step}: try_acquire {names:?} occupy {occupy}");
+            if let Ok(Some(g)) = limiter.concurrency(names, occupy).try_acquire() {
+                guards.push(g);
+            }
+        } else if op < 80 {
+            let n = WIDE[rng.below(5) as usize];
+            let mut u = LimitUpdate::new();
+            let what = rng.below(100);
+            if what < 35 {
+                u = u.limit(rng.below(5) as u32);
+            }
+            if (25..60).contains(&what) {
+                u = u.slot_decay_per_second(rates[rng.below(rates.len() as u64) as usize]);
+            }
+            if what >= 55 {
+                let active = limiter.limit(n).map(|i| i.active).unwrap_or(true);
+                u = u.active(!active);
+            }
+            desc = format!("step {step}: update {n} {u:?}");
+            disturb(&mut epochs, n);
+            let _ = limiter.update_limit(n, u);
+        } else if op < 83 {
+            let n = WIDE[rng.below(5) as usize];
+            desc = format!("step {step}: reset {n}");
+            disturb(&mut epochs, n);
+            let _ = limiter.reset_limit(n);
+        } else if op < 87 {
+            let n = WIDE[rng.below(5) as usize];
+            disturb(&mut epochs, n);
+            let _ = limiter.delete_limit(n);
+            if rng.chance(50) {
+                let c = cfg(&mut rng);
+                desc = format!("step {step}: delete+create {n} {c:?}");
+                let _ = limiter.create_limit(n, c);
+            } else {
+                desc = format!("step {step}: delete {n}");
+            }
+        } else if op < 89 {
+            let n = WIDE[rng.below(5) as usize];
+            let c = cfg(&mut rng);
+            desc = format!("step {step}: create {n} {c:?}");
+            disturb(&mut epochs, n);
+            let _ = limiter.create_limit(n, c);
+        } else {
+            let ms = rng.below(25);
+            desc = format!("step {step}: sleep {ms} ms");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        // A spurious poll with a new waker (an executor may poll at any
+        // time, and from another task's context).
+        if !pending.is_empty() && rng.chance(15) {
+            let i = rng.below(pending.len() as u64) as usize;
+            pending[i].p.flag = Arc::new(Flag(AtomicBool::new(true)));
+        }
+        ops += 1;
+        log.push(desc);
+        wide_poll_woken(&limiter, &mut pending, &mut guards, &log, &epochs);
+    }
+    // Quiesce: unpause paused limits (a legitimate change that wakes their
+    // waiters), drop every guard, let decay drain, poll only woken futures.
+    log.push("final: unpause, drop all guards".into());
+    // Likewise decaying slots frozen by a rate set to 0 (they never drain).
+    for info in limiter.limits() {
+        if info.limit == 0 {
+            disturb(&mut epochs, &info.name);
+            limiter
+                .update_limit(&info.name, LimitUpdate::new().limit(3))
+                .unwrap();
+        }
+        if info.slot_decay_per_second == 0.0 && info.active_slots > info.held_slots {
+            disturb(&mut epochs, &info.name);
+            limiter
+                .update_limit(&info.name, LimitUpdate::new().slot_decay_per_second(100.0))
+                .unwrap();
+        }
+    }
+    guards.clear();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until && !pending.is_empty() {
+        wide_poll_woken(&limiter, &mut pending, &mut guards, &log, &epochs);
+        guards.clear();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if !pending.is_empty() {
+        let infos = limiter.limits();
+        let stuck: Vec<String> = pending.iter().map(|w| w.p.desc.clone()).collect();
+        let mut ready = Vec::new();
+        for w in pending.iter_mut() {
+            if let Poll::Ready(r) = poll(&mut w.p) {
+                ready.push(format!("{} -> {:?}", w.p.desc, r.map(|_| ())));
+            }
+        }
+        panic!(
+            "seed {seed}: lost wake-up: {} waiter(s) never woken: {stuck:#?}\nlimits: {infos:#?}\nready when polled by hand: {ready:#?}\nlog tail: {:#?}",
+            pending.len(),
+            &log[log.len().saturating_sub(40)..]
+        );
+    }
+    // Nothing leaked: no queue entry, no held slot.
+    for info in limiter.limits() {
+        assert_eq!(info.waiters, 0, "seed {seed}: queue leak {info:?}");
+        assert_eq!(info.held_slots, 0, "seed {seed}: held leak {info:?}");
+    }
+    ops
+}
+
+#[test]
+fn wide_random_ops_lose_no_wake_up() {
+    watchdog(Duration::from_secs(600), || {
+        let base = common::seed_from_env("TURNSTILE_WIDE_SEED");
+        let runs: u64 = std::env::var("TURNSTILE_WIDE_RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let steps: usize = std::env::var("TURNSTILE_WIDE_STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200);
+        let mut ops = 0;
+        for k in 0..runs {
+            ops += wide_run(base.wrapping_add(k), steps);
+        }
+        eprintln!("wide: {runs} runs, {ops} ops from seed {base}");
+    });
+}
