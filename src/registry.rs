@@ -31,7 +31,7 @@ pub(crate) struct Queued {
     pub occupy: u32,
     /// Whether the waiter watches this limit: it does not fit here, so a
     /// release here must look at it. Each waiter watches one limit it does
-    /// not fit (or, briefly after a limit vanished from its needs, all).
+    /// not fit.
     pub watch: bool,
     /// Whether the waiter has a retry budget (`max_retries`), so that every
     /// pump of this limit must count against it, fit or not.

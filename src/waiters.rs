@@ -19,6 +19,11 @@
 //! occupy` only grows, so a pass stops at the first waiter that cannot fit even
 //! without decay; waiters behind it are never looked at.
 //!
+//! A waiter that does not fit *watches* one limit it does not fit, and a
+//! release looks only at the watchers of its limits (see [`State::pump`]):
+//! waiters held back elsewhere cost it nothing. Retry budgets
+//! (`max_retries`) are charged apart, only where a waiter has one.
+//!
 //! A grant never makes another waiter's fit worse on the granted limits: what
 //! leaves the reservation enters `held` (or the decaying slots), so one pass
 //! suffices.
@@ -178,7 +183,7 @@ impl State {
         match self.fit(ticket, now, None) {
             Fit::No { decay_at, blocker } => {
                 self.waiters.get_mut(&ticket).expect("just queued").decay_at = decay_at;
-                self.watch(ticket, Some(blocker));
+                self.watch(ticket, blocker);
             }
             // Only if time moved between the first attempt and now.
             Fit::Yes => {
@@ -322,7 +327,7 @@ impl State {
         if earlier {
             wakes.push(waiter.wake.clone());
         }
-        self.watch(ticket, Some(blocker));
+        self.watch(ticket, blocker);
     }
 
     /// The waiters of limit `idx` from queue position `from` on do not fit
@@ -337,18 +342,17 @@ impl State {
         for ticket in behind {
             if let Some(waiter) = self.waiters.get_mut(&ticket) {
                 waiter.decay_at = None;
-                self.watch(ticket, Some(idx));
+                self.watch(ticket, idx);
             }
         }
     }
 
-    /// Makes a queued waiter watch `blocker` alone, or every limit it waits
-    /// for (`None`: its blocker is unknown).
-    pub(crate) fn watch(&mut self, ticket: Ticket, blocker: Option<u32>) {
+    /// Makes a queued waiter watch `blocker`, and none of its other limits.
+    fn watch(&mut self, ticket: Ticket, blocker: u32) {
         let waiter = &self.waiters[&ticket];
         for id in &waiter.ids {
             if let Some(limit) = self.reg.get_mut(id.idx) {
-                limit.set_watch(ticket, blocker.is_none_or(|b| b == id.idx));
+                limit.set_watch(ticket, id.idx == blocker);
             }
         }
     }
@@ -373,7 +377,7 @@ impl State {
                 if let Some(err) = waiter.attempt() {
                     self.fail(ticket, err, &mut dirty, wakes);
                 } else {
-                    self.watch(ticket, Some(blocker));
+                    self.watch(ticket, blocker);
                 }
             }
         }
