@@ -17,6 +17,12 @@ fn clock() -> &'static quanta::Clock {
     CLOCK.get_or_init(quanta::Clock::new)
 }
 
+/// Calibrates the cheap clock now (a few milliseconds, once per process), so
+/// that the first acquisition does not pay for it.
+pub(crate) fn calibrate() {
+    clock();
+}
+
 /// A moment on the cheap clock.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stamp(u64);

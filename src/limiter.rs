@@ -137,6 +137,7 @@ impl Limiter {
     }
 
     fn from_parts(observer: Option<Observer>) -> Limiter {
+        crate::clock::calibrate();
         Limiter {
             shared: Arc::new(Shared {
                 state: Arc::new(Mutex::new(State::default())),
@@ -370,6 +371,7 @@ impl LimiterBuilder {
         let interval = self.flush_interval.unwrap_or(DEFAULT_FLUSH_INTERVAL);
         let store = Store::open(&path, interval, state.clone())?;
         state.lock().reg.persist = true;
+        crate::clock::calibrate();
         Ok(Limiter {
             shared: Arc::new(Shared {
                 state,
