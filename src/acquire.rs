@@ -2,6 +2,7 @@
 //! with a timeout, and async through `IntoFuture`. All four forms share one
 //! deadline-based core.
 
+use std::cell::OnceCell;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -125,8 +126,9 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     // and its deadline, start then.
     let mut clock = LazyNow::default();
     let queue = mode == Mode::Block && spec.waits();
-    let woken = Arc::new(AtomicBool::new(false));
-    let wake = || Wake::Thread(thread::current(), woken.clone());
+    // Made only if the acquisition queues.
+    let woken: OnceCell<Arc<AtomicBool>> = OnceCell::new();
+    let wake = || Wake::Thread(thread::current(), woken.get_or_init(Arc::default).clone());
     let begin = loop {
         let begin = shared.state.lock().begin(
             &spec.request(),
@@ -152,7 +154,9 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     };
     let start = clock.get();
     let deadline = spec.deadline(start);
-    spin_until(&woken);
+    if let Some(woken) = woken.get() {
+        spin_until(woken);
+    }
     loop {
         let now = Instant::now();
         let mut wakes = Wakes::new();

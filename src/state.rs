@@ -206,23 +206,12 @@ impl State {
                 Kind::Concurrency => true,
                 Kind::RateLimit => limit.slots.rate() > 0.0,
             };
-        if !usable || !limit.slots.fits_held(limit.queued_occupy, occupy) {
+        if !usable || !limit.slots.fits_lazy(limit.queued_occupy, occupy, now) {
             return None;
         }
         match kind {
-            Kind::Concurrency => {
-                if !limit.slots.fits_lazy(limit.queued_occupy, occupy, now) {
-                    return None;
-                }
-                limit.slots.take_held(occupy);
-            }
-            Kind::RateLimit => {
-                let now = now.get();
-                if !limit.slots.fits(limit.queued_occupy, occupy, now) {
-                    return None;
-                }
-                limit.slots.take_decaying(occupy, now);
-            }
+            Kind::Concurrency => limit.slots.take_held(occupy),
+            Kind::RateLimit => limit.slots.take_decaying(occupy, now.get()),
         }
         let id = limit.id(idx);
         self.reg.touch(idx);

@@ -294,15 +294,21 @@ impl State {
             }
             // It checks again: it may fit (its decay came due and its own
             // retry has not run yet).
-            match self.fit(ticket, now, None) {
-                Fit::Yes => self.grant(ticket, now, now, dirty, wakes),
-                Fit::No { decay_at, blocker } => {
-                    let waiter = self.waiters.get_mut(&ticket).expect("queued");
-                    waiter.counted_in = pump;
-                    match waiter.attempt() {
-                        Some(err) => self.fail(ticket, err, dirty, wakes),
-                        None => self.not_yet(ticket, decay_at, blocker, wakes),
-                    }
+            self.waiters.get_mut(&ticket).expect("queued").counted_in = pump;
+            self.recheck(ticket, now, dirty, wakes);
+        }
+    }
+
+    /// A queued waiter checks again after a change of its limits: granted if
+    /// it fits, else one attempt counted (failing it out of budget).
+    fn recheck(&mut self, ticket: Ticket, now: Instant, dirty: &mut Dirty, wakes: &mut Wakes) {
+        match self.fit(ticket, now, None) {
+            Fit::Yes => self.grant(ticket, now, now, dirty, wakes),
+            Fit::No { decay_at, blocker } => {
+                let waiter = self.waiters.get_mut(&ticket).expect("queued");
+                match waiter.attempt() {
+                    Some(err) => self.fail(ticket, err, dirty, wakes),
+                    None => self.not_yet(ticket, decay_at, blocker, wakes),
                 }
             }
         }
@@ -389,7 +395,6 @@ impl State {
     /// caller has summed it already.
     fn fit(&self, ticket: Ticket, now: Instant, known: Option<(u32, u64)>) -> Fit {
         let waiter = &self.waiters[&ticket];
-        let mut fits_all = true;
         let mut decay_at = Some(now);
         // (limit, when it lets the waiter in by decay; None: never by decay)
         let mut blocker: Option<(u32, Option<Instant>)> = None;
@@ -406,12 +411,10 @@ impl State {
                 if limit.slots.fits(reserved, waiter.occupy, now) {
                     Some(now)
                 } else {
-                    fits_all = false;
                     limit.slots.fits_at(reserved, waiter.occupy, now)
                 }
             });
             if at != Some(now) {
-                fits_all = false;
                 let worse = match (blocker, at) {
                     (None, _) => true,
                     (Some((_, None)), _) => false,
@@ -425,8 +428,8 @@ impl State {
             decay_at = decay_at.zip(at).map(|(a, b)| a.max(b));
         }
         match blocker {
-            Some((blocker, _)) if !fits_all => Fit::No { decay_at, blocker },
-            _ => Fit::Yes,
+            Some((blocker, _)) => Fit::No { decay_at, blocker },
+            None => Fit::Yes,
         }
     }
 
@@ -533,18 +536,8 @@ impl State {
         }
         // In ticket order, once this limit is out of every waiter's needs.
         for ticket in affected {
-            if !matches!(self.waiters[&ticket].status, Status::Queued) {
-                continue;
-            }
-            match self.fit(ticket, now, None) {
-                Fit::Yes => self.grant(ticket, now, now, dirty, wakes),
-                Fit::No { decay_at, blocker } => {
-                    let waiter = self.waiters.get_mut(&ticket).expect("queued");
-                    match waiter.attempt() {
-                        Some(err) => self.fail(ticket, err, dirty, wakes),
-                        None => self.not_yet(ticket, decay_at, blocker, wakes),
-                    }
-                }
+            if matches!(self.waiters[&ticket].status, Status::Queued) {
+                self.recheck(ticket, now, dirty, wakes);
             }
         }
     }

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{watchdog, TempDir, WATCHDOG};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
 /// The store the child owns; unset in the parent.
@@ -54,36 +54,6 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs_f64()
-}
-
-/// A connection to look at the store that leaves its WAL as the crash left
-/// it (no checkpoint when it closes), so `Limiter::open` still meets the
-/// crashed state.
-fn inspect(path: &Path) -> Connection {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .expect("open the store to inspect it");
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    )
-    .expect("no checkpoint on close");
-    conn.pragma_update(None, "query_only", true)
-        .expect("query_only");
-    conn
-}
-
-fn integrity_check(conn: &Connection) -> String {
-    let rows: Vec<String> = conn
-        .prepare("PRAGMA integrity_check")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows.join("\n")
 }
 
 fn stored_limit(conn: &Connection, name: &str) -> Option<(u32, bool, f64)> {
@@ -424,8 +394,12 @@ impl Running {
 /// Checks the store a killed child left, then reopens it.
 fn check_after_kill(db: &Path, killed_at: f64, took: Option<(f64, f64)>, changes: &Changes) {
     // Before any Limiter touches it.
-    let conn = inspect(db);
-    assert_eq!(integrity_check(&conn), "ok", "integrity after the kill");
+    let conn = common::inspect_store(db);
+    assert_eq!(
+        common::integrity_check(&conn),
+        "ok",
+        "integrity after the kill"
+    );
     assert_eq!(stored_limit(&conn, "gpu"), Some((GPU_LIMIT, true, 0.0)));
     assert_eq!(
         stored_limit(&conn, "api"),
@@ -525,8 +499,12 @@ fn check_after_kill(db: &Path, killed_at: f64, took: Option<(f64, f64)>, changes
     drop(all);
     drop(limiter);
 
-    let conn = inspect(db);
-    assert_eq!(integrity_check(&conn), "ok", "integrity after reopening");
+    let conn = common::inspect_store(db);
+    assert_eq!(
+        common::integrity_check(&conn),
+        "ok",
+        "integrity after reopening"
+    );
 }
 
 #[test]

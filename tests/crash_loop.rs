@@ -42,7 +42,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{seed_from_env, watchdog, Rng, TempDir};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
 /// The store the child owns; unset in the parent.
@@ -436,35 +436,6 @@ impl Running {
     }
 }
 
-/// A read-only look at the store that leaves its WAL as the crash left it
-/// (no checkpoint on close), so the next owner still meets the crashed state.
-fn inspect(path: &Path) -> Connection {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .expect("open the store to inspect it");
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    )
-    .expect("no checkpoint on close");
-    conn.pragma_update(None, "query_only", true)
-        .expect("query_only");
-    conn
-}
-
-fn integrity_check(conn: &Connection) -> String {
-    let rows: Vec<String> = conn
-        .prepare("PRAGMA integrity_check")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows.join("\n")
-}
-
 /// Every stored definition: name -> limit.
 fn stored_limits(conn: &Connection) -> BTreeMap<String, u32> {
     conn.prepare(r#"SELECT name, "limit" FROM limits"#)
@@ -528,8 +499,8 @@ impl Ledger {
 /// Checks the store a killed child left, before anyone opens it, and
 /// settles the round's definitions in the ledger.
 fn check_killed(db: &Path, round: u64, killed_at: f64, report: &Report, ledger: &mut Ledger) {
-    let conn = inspect(db);
-    let integrity = integrity_check(&conn);
+    let conn = common::inspect_store(db);
+    let integrity = common::integrity_check(&conn);
     ledger.check(integrity == "ok", || {
         format!("round {round}: integrity after the kill: {integrity}")
     });
@@ -641,7 +612,7 @@ fn check_killed(db: &Path, round: u64, killed_at: f64, report: &Report, ledger: 
 /// drained by the time that passed.
 fn check_reopen(db: &Path, round: u64, ledger: &mut Ledger) {
     let (_, decaying, decaying_at) = {
-        let conn = inspect(db);
+        let conn = common::inspect_store(db);
         stored_slots(&conn, "api").expect("api slot state")
     };
     let before_open = unix_now();
@@ -699,8 +670,8 @@ fn check_reopen(db: &Path, round: u64, ledger: &mut Ledger) {
     });
     drop(all_gpu);
     drop(limiter);
-    let conn = inspect(db);
-    let integrity = integrity_check(&conn);
+    let conn = common::inspect_store(db);
+    let integrity = common::integrity_check(&conn);
     ledger.check(integrity == "ok", || {
         format!("round {round}: integrity after reopening: {integrity}")
     });

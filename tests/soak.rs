@@ -1129,14 +1129,7 @@ fn soak_secs() -> u64 {
 
 fn integrity_check(db: &Path) -> String {
     let conn = rusqlite::Connection::open(db).expect("open the store to check it");
-    let rows: Vec<String> = conn
-        .prepare("PRAGMA integrity_check")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    rows.join("\n")
+    common::integrity_check(&conn)
 }
 
 /// Every definition the store must hold at the end: (name, limit, active,

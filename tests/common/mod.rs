@@ -113,3 +113,32 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A read-only look at a store that leaves its WAL as a crash left it (no
+/// checkpoint when it closes), so that the next owner still meets the
+/// crashed state.
+pub fn inspect_store(path: &std::path::Path) -> rusqlite::Connection {
+    use rusqlite::{config::DbConfig, Connection, OpenFlags};
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .expect("open the store to inspect it");
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .expect("no checkpoint on close");
+    conn.pragma_update(None, "query_only", true)
+        .expect("query_only");
+    conn
+}
+
+/// What `PRAGMA integrity_check` says ("ok" when sound).
+pub fn integrity_check(conn: &rusqlite::Connection) -> String {
+    let rows: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.join("\n")
+}
