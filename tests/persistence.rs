@@ -1094,3 +1094,41 @@ fn awkward_names_round_trip_verbatim() {
         assert!(def_row(&db, "gpu").is_some(), "names are case-sensitive");
     });
 }
+
+/// Regression: a store given up by this process looked still owned by it
+/// (`StoreInUse` naming our own pid) when another thread had just spawned a
+/// process, whose copy of the lock lives from `fork` until its `exec`.
+#[test]
+fn reopening_while_another_thread_spawns_processes_is_not_store_in_use() {
+    watchdog(WATCHDOG * 2, || {
+        let dir = TempDir::new("persistence");
+        let db = dir.path("limits.db");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut spawned = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::process::Command::new("true").status();
+                    spawned += 1;
+                }
+                spawned
+            })
+        };
+        for round in 0..300 {
+            match Limiter::open(&db) {
+                Ok(limiter) => drop(limiter),
+                Err(e) => {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(spawner.join().unwrap() > 0, "the spawner ran");
+        // Still one owner at a time within the process.
+        let owner = Limiter::open(&db).unwrap();
+        assert!(matches!(Limiter::open(&db), Err(Error::StoreInUse { .. })));
+        drop(owner);
+    });
+}

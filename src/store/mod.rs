@@ -12,7 +12,6 @@ pub(crate) mod schema;
 pub(crate) mod writer;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -308,7 +307,7 @@ pub(crate) struct Store {
     to_writer: Sender<writer::Msg>,
     writer: Option<JoinHandle<()>>,
     /// Held for the owner's life; the OS drops it if the process dies.
-    _owner: File,
+    _owner: owner::Ownership,
 }
 
 impl Store {
