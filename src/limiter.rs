@@ -39,9 +39,14 @@ impl Shared {
             if self.state.lock().reg.lookup(name).is_some() {
                 continue;
             }
-            match db.commit(name, &Change::Create(config.clone())) {
-                Ok(()) => {
-                    let _ = self.state.lock().create(name, &config, Instant::now());
+            let change = Change::Create(config.clone());
+            match db.commit(name, &change) {
+                Ok(incarnation) => {
+                    let mut state = self.state.lock();
+                    if state.create(name, &config, Instant::now()).is_ok() {
+                        let limit = state.reg.by_name_mut(name).expect("created");
+                        change.record(limit, incarnation);
+                    }
                 }
                 // Created by another process (the CLI) since the writer last
                 // looked: take its definition now, as the writer would have.
@@ -157,12 +162,25 @@ impl Limiter {
         apply: impl FnOnce(&mut State, Instant, &mut Wakes) -> Result<R, Error>,
     ) -> Result<R, Error> {
         let mut db = self.shared.store.as_ref().map(|s| s.persist.db.lock());
-        if let Some(db) = db.as_mut() {
-            let change = plan(&self.shared.state.lock())?;
-            db.commit(name, &change)?;
-        }
+        let committed = match db.as_mut() {
+            Some(db) => {
+                let change = plan(&self.shared.state.lock())?;
+                let incarnation = db.commit(name, &change)?;
+                Some((change, incarnation))
+            }
+            None => None,
+        };
         let mut wakes = Wakes::new();
-        let result = apply(&mut self.shared.state.lock(), Instant::now(), &mut wakes);
+        let result = {
+            let mut state = self.shared.state.lock();
+            let result = apply(&mut state, Instant::now(), &mut wakes);
+            if let (Ok(_), Some((change, incarnation))) = (&result, committed) {
+                if let Some(limit) = state.reg.by_name_mut(name) {
+                    change.record(limit, incarnation);
+                }
+            }
+            result
+        };
         drop(db);
         deliver(wakes);
         result

@@ -38,6 +38,66 @@ pub(crate) struct Queued {
     pub retries: bool,
 }
 
+/// A limit's queue of waiters, in ticket order: a pointer while the limit
+/// has never had one (most limits), so that idle limits stay small.
+///
+/// The box is the point (an empty `VecDeque` is 32 bytes inline), hence the
+/// lint's exception.
+#[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
+pub(crate) struct Queue(Option<Box<VecDeque<Queued>>>);
+
+impl Queue {
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    pub fn get(&self, pos: usize) -> Option<&Queued> {
+        self.0.as_ref()?.get(pos)
+    }
+
+    pub fn back(&self) -> Option<&Queued> {
+        self.0.as_ref()?.back()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Queued> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    /// Position of `ticket` (the queue is sorted by ticket).
+    pub fn position(&self, ticket: Ticket) -> Option<usize> {
+        self.0
+            .as_ref()?
+            .binary_search_by_key(&ticket, |q| q.ticket)
+            .ok()
+    }
+
+    pub fn get_mut(&mut self, pos: usize) -> Option<&mut Queued> {
+        self.0.as_mut()?.get_mut(pos)
+    }
+
+    /// Queues last; the queue is allocated on first use and kept.
+    pub fn push_back(&mut self, q: Queued) {
+        self.0.get_or_insert_default().push_back(q);
+    }
+
+    pub fn remove(&mut self, pos: usize) -> Option<Queued> {
+        self.0.as_mut()?.remove(pos)
+    }
+
+    /// Empties the queue, handing back its entries.
+    pub fn take(&mut self) -> VecDeque<Queued> {
+        self.0
+            .as_mut()
+            .map(|q| std::mem::take(&mut **q))
+            .unwrap_or_default()
+    }
+}
+
 /// One limit.
 #[derive(Debug)]
 pub(crate) struct Limit {
@@ -48,7 +108,7 @@ pub(crate) struct Limit {
     pub denied: u64,
     pub avg_occupancy: f64,
     /// Waiters blocked on this limit, in ticket order.
-    pub queue: VecDeque<Queued>,
+    pub queue: Queue,
     /// Sum of the queue's occupy: slots promised to waiters, which newcomers
     /// may not take.
     pub queued_occupy: u64,
@@ -58,6 +118,22 @@ pub(crate) struct Limit {
     pub retriers: u32,
     /// Whether its slot state changed since the store last saved it.
     pub unsaved: bool,
+    /// The store's record of the limit as this owner last read or wrote it.
+    pub stored: Stored,
+}
+
+/// What the store's row of a limit holds beyond its configuration: with the
+/// configuration in memory, the base against which another process's edits
+/// are detected (so the owner keeps no second copy of every name). Kept to
+/// 32 bits each: only a change matters, and the row's counters would have to
+/// move by a multiple of 2^32 between two looks to hide one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stored {
+    /// Which creation of the name the row is (a deletion and creation by
+    /// another process makes a new limit).
+    pub incarnation: u32,
+    /// How many resets the row has seen.
+    pub resets: u32,
 }
 
 /// Prefect's starting value for the occupancy average.
@@ -79,7 +155,7 @@ impl Limit {
 
     /// Position of `ticket` in the queue (the queue is sorted by ticket).
     pub fn position(&self, ticket: Ticket) -> Option<usize> {
-        self.queue.binary_search_by_key(&ticket, |q| q.ticket).ok()
+        self.queue.position(ticket)
     }
 
     /// Takes `ticket` out of the queue; returns whether it was there.
@@ -112,7 +188,7 @@ impl Limit {
     /// Sets whether `ticket` watches this limit.
     pub fn set_watch(&mut self, ticket: Ticket, watch: bool) {
         if let Some(pos) = self.position(ticket) {
-            let q = &mut self.queue[pos];
+            let q = self.queue.get_mut(pos).expect("position is in range");
             if q.watch != watch {
                 q.watch = watch;
                 if watch {
@@ -141,7 +217,7 @@ impl Limit {
     /// walk stops early, so its cost is bounded by the limit).
     pub fn reserved_before(&self, ticket: Ticket, occupy: u32) -> Option<u64> {
         let mut reserved = 0u64;
-        for q in &self.queue {
+        for q in self.queue.iter() {
             if q.ticket >= ticket {
                 break;
             }
@@ -228,6 +304,11 @@ impl Registry {
         self.get_mut(id.idx).filter(|l| l.uid == id.uid)
     }
 
+    pub fn by_name_mut(&mut self, name: &str) -> Option<&mut Limit> {
+        let idx = self.lookup(name)?;
+        self.get_mut(idx)
+    }
+
     pub fn by_name(&self, name: &str) -> Option<(u32, &Limit)> {
         let idx = self.lookup(name)?;
         Some((idx, self.get(idx)?))
@@ -246,11 +327,12 @@ impl Registry {
             slots: Slots::new(config.limit, config.slot_decay_per_second, now),
             denied: 0,
             avg_occupancy: INITIAL_AVG_OCCUPANCY,
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             queued_occupy: 0,
             watchers: 0,
             retriers: 0,
             unsaved: false,
+            stored: Stored::default(),
         };
         let idx = match self.free.pop() {
             Some(idx) => {

@@ -514,7 +514,7 @@ impl State {
         let Some(limit) = self.reg.get_mut(idx) else {
             return;
         };
-        let queue = std::mem::take(&mut limit.queue);
+        let queue = limit.queue.take();
         limit.queued_occupy = 0;
         limit.watchers = 0;
         limit.retriers = 0;

@@ -209,10 +209,9 @@ fn an_idle_limit_costs_at_most_256_bytes_in_memory() {
     });
 }
 
-/// The store keeps, beside the registry, the definitions it last read or
-/// wrote (to tell other processes' edits apart): a second copy of each name.
+/// The store keeps no second copy of the names: what it needs to tell other
+/// processes' edits apart lives in the registry's limits.
 #[test]
-#[ignore = "over target: ~325 B per idle limit with a store at 100k limits: the registry's ~243 B plus ~82 B for the store's known-definitions HashMap<String, Definition> (src/store/mod.rs Db::known)"]
 fn an_idle_limit_costs_at_most_256_bytes_with_a_store() {
     watchdog(WATCHDOG * 4, || {
         assert_counting();

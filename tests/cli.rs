@@ -567,6 +567,32 @@ fn cli_reset_drops_decaying_slots_in_the_owner() {
     assert!(limiter.rate_limit("api", 1).try_acquire().unwrap());
 }
 
+/// The owner's own creation and reset are the base for telling the CLI's
+/// edits apart: a later edit of another limit must not make the owner take
+/// them for another process's (re-creating the limit, dropping its held
+/// slots, or resetting it again).
+#[test]
+fn the_owners_own_edits_are_not_taken_for_another_processs() {
+    let scratch = Scratch::new("own-edits");
+    let db = scratch.path("limits.db");
+    let limiter = owner(&db);
+    limiter.create_limit("gpu", LimitConfig::new(2)).unwrap();
+    limiter
+        .create_limit("api", LimitConfig::new(2).slot_decay_per_second(0.001))
+        .unwrap();
+    assert!(limiter.rate_limit("api", 1).try_acquire().unwrap());
+    limiter.reset_limit("api").unwrap();
+    let _held = limiter.concurrency("gpu", 1).acquire().unwrap();
+    assert!(limiter.rate_limit("api", 1).try_acquire().unwrap());
+
+    turnstile(&db, &["create", "other", "--limit", "3"]).success();
+    reaches(&limiter, "other", "the creation", |i| i.is_some());
+    let gpu = info(&limiter, "gpu");
+    assert_eq!(gpu.held_slots, 1, "gpu was taken for re-created: {gpu:?}");
+    let api = info(&limiter, "api");
+    assert_eq!(api.active_slots, 1, "api was reset again: {api:?}");
+}
+
 /// The owner changes the limit while the CLI deactivates it: neither edit may
 /// be lost, neither in the owner's memory nor in the file.
 #[test]

@@ -92,7 +92,6 @@ impl Admin {
         let mut db = Db {
             path: path.to_path_buf(),
             conn,
-            known: Default::default(),
             data_version: 0,
             spare: Vec::new(),
         };
@@ -179,7 +178,7 @@ impl Admin {
     /// [`Error::NotFound`], [`Error::Storage`].
     pub fn delete_limit(&mut self, name: &str) -> Result<(), Error> {
         self.expect(name)?;
-        self.db.commit(name, &Change::Delete)
+        self.db.commit(name, &Change::Delete).map(|_| ())
     }
 
     /// Drops a limit's decaying slots and zeroes its `denied_slots`.

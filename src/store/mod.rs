@@ -11,7 +11,7 @@ pub(crate) mod owner;
 pub(crate) mod schema;
 pub(crate) mod writer;
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,6 +21,7 @@ use crossbeam_channel::Sender;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::config::{LimitConfig, LimitUpdate};
+use crate::registry::{Limit, Stored};
 use crate::state::State;
 use crate::sync::Mutex;
 use crate::waiters::Wakes;
@@ -87,14 +88,30 @@ pub(crate) enum Change {
     Reset,
 }
 
+impl Change {
+    /// Records a change this owner committed (with the incarnation
+    /// [`Db::commit`] returned) in the limit it was applied to, as the base
+    /// for detecting the next edit of another process.
+    pub fn record(&self, limit: &mut Limit, incarnation: i64) {
+        match self {
+            Change::Create(_) => {
+                limit.stored = Stored {
+                    incarnation: incarnation as u32,
+                    resets: 0,
+                }
+            }
+            Change::Reset => limit.stored.resets = limit.stored.resets.wrapping_add(1),
+            Change::Update(_) | Change::Delete => {}
+        }
+    }
+}
+
 /// The owner's connection and what it knows the file holds.
 pub(crate) struct Db {
     pub path: PathBuf,
     pub conn: Connection,
-    /// Definitions as last read or written by this owner: the base against
-    /// which other processes' edits are detected.
-    pub known: HashMap<String, Definition>,
-    /// `PRAGMA data_version` when `known` was last brought up to date.
+    /// `PRAGMA data_version` when memory was last brought up to date with
+    /// the file's definitions.
     pub data_version: i64,
     /// The registry's list of unsaved limits from the sweep before last,
     /// swapped back in at each sweep so that neither side reallocates it
@@ -107,10 +124,12 @@ impl Db {
         storage_err(&self.path, message, e)
     }
 
-    /// Commits one definition change. `known` then records what memory will
-    /// hold once the caller applies the change (not the row read back, which
-    /// may hold another process's edit: `pull` must still see that one).
-    pub fn commit(&mut self, name: &str, change: &Change) -> Result<(), Error> {
+    /// Commits one definition change and returns the row's incarnation (for
+    /// a creation; 0 otherwise). The caller then applies the change to memory
+    /// and records it with [`Change::record`], so that memory holds what this
+    /// owner wrote (not the row read back, which may hold another process's
+    /// edit: `pull` must still see that one).
+    pub fn commit(&mut self, name: &str, change: &Change) -> Result<i64, Error> {
         let path = self.path.clone();
         let failed = |e: rusqlite::Error| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ConstraintViolation)
@@ -146,30 +165,7 @@ impl Db {
             });
         }
         tx.commit().map_err(failed)?;
-        match change {
-            Change::Create(config) => {
-                self.known
-                    .insert(name.to_string(), definition(config, 0, incarnation));
-            }
-            Change::Update(update) => {
-                if let Some(def) = self.known.get_mut(name) {
-                    def.limit = update.limit.unwrap_or(def.limit);
-                    def.active = update.active.unwrap_or(def.active);
-                    def.slot_decay_per_second = update
-                        .slot_decay_per_second
-                        .unwrap_or(def.slot_decay_per_second);
-                }
-            }
-            Change::Delete => {
-                self.known.remove(name);
-            }
-            Change::Reset => {
-                if let Some(def) = self.known.get_mut(name) {
-                    def.reset_count += 1;
-                }
-            }
-        }
-        Ok(())
+        Ok(incarnation)
     }
 
     /// Applies definitions committed by other processes since the last look.
@@ -188,42 +184,56 @@ impl Db {
         let mut wakes = Wakes::new();
         {
             let mut state = state.lock();
-            let mut seen = HashMap::with_capacity(rows.len());
-            for (name, def) in rows {
-                let old = self.known.get(&name);
-                if old != Some(&def) {
-                    // Deleted and created again since the last look: a new
-                    // limit, which must not inherit the old one's slots.
-                    let reborn = old.is_some_and(|o| o.incarnation != def.incarnation);
-                    if reborn {
-                        let _ = state.delete(&name, now, &mut wakes);
-                    }
-                    let update = LimitUpdate::new()
-                        .limit(def.limit)
-                        .active(def.active)
-                        .slot_decay_per_second(def.slot_decay_per_second);
-                    // Values the CLI validated; a hand edit that is invalid is
-                    // skipped rather than trusted.
-                    let applied = if state.reg.lookup(&name).is_none() {
-                        state.create(&name, &config_of(&def), now).map(|_| ())
-                    } else {
-                        state.update(&name, &update, now, &mut wakes).map(|_| ())
-                    };
-                    if applied.is_ok()
-                        && !reborn
-                        && old.is_some_and(|o| o.reset_count != def.reset_count)
-                    {
-                        let _ = state.reset(&name, now, &mut wakes);
-                    }
+            for (name, def) in &rows {
+                let old = state
+                    .reg
+                    .by_name(name)
+                    .map(|(_, l)| (definition_of(l), l.stored));
+                let row = (config_of(def), stored_of(def));
+                if old.as_ref() == Some(&row) {
+                    continue;
                 }
-                seen.insert(name, def);
-            }
-            for name in self.known.keys() {
-                if !seen.contains_key(name) {
+                // Deleted and created again since the last look: a new limit,
+                // which must not inherit the old one's slots.
+                let reborn = old
+                    .as_ref()
+                    .is_some_and(|(_, s)| s.incarnation != row.1.incarnation);
+                if reborn {
                     let _ = state.delete(name, now, &mut wakes);
                 }
+                let update = LimitUpdate::new()
+                    .limit(def.limit)
+                    .active(def.active)
+                    .slot_decay_per_second(def.slot_decay_per_second);
+                // Values the CLI validated; a hand edit that is invalid is
+                // skipped rather than trusted (and tried again at the next
+                // change of the file).
+                let applied = if state.reg.lookup(name).is_none() {
+                    state.create(name, &row.0, now).map(|_| ())
+                } else {
+                    state.update(name, &update, now, &mut wakes).map(|_| ())
+                };
+                if applied.is_ok()
+                    && !reborn
+                    && old.as_ref().is_some_and(|(_, s)| s.resets != row.1.resets)
+                {
+                    let _ = state.reset(name, now, &mut wakes);
+                }
+                if let Some(limit) = state.reg.by_name_mut(name) {
+                    limit.stored = row.1;
+                }
             }
-            self.known = seen;
+            // Deleted by another process.
+            let in_file: HashSet<&str> = rows.iter().map(|(name, _)| name.as_str()).collect();
+            let gone: Vec<Arc<str>> = state
+                .reg
+                .iter()
+                .filter(|(_, l)| !in_file.contains(&*l.name))
+                .map(|(_, l)| l.name.clone())
+                .collect();
+            for name in gone {
+                let _ = state.delete(&name, now, &mut wakes);
+            }
         }
         crate::limiter::deliver(wakes);
         Ok(())
@@ -289,6 +299,22 @@ fn definition(config: &LimitConfig, reset_count: i64, incarnation: i64) -> Defin
     }
 }
 
+/// A row's counters, as a limit in memory records them.
+fn stored_of(def: &Definition) -> Stored {
+    // Truncated on purpose (see `Stored`).
+    Stored {
+        incarnation: def.incarnation as u32,
+        resets: def.reset_count as u32,
+    }
+}
+
+/// A limit's configuration in memory, to compare with a row's.
+fn definition_of(limit: &Limit) -> LimitConfig {
+    LimitConfig::new(limit.slots.limit)
+        .active(limit.active)
+        .slot_decay_per_second(limit.slots.rate())
+}
+
 fn config_of(def: &Definition) -> LimitConfig {
     LimitConfig::new(def.limit)
         .active(def.active)
@@ -334,7 +360,6 @@ impl Store {
         let mut db = Db {
             path: path.to_path_buf(),
             conn,
-            known: HashMap::new(),
             data_version: 0,
             spare: Vec::with_capacity(64),
         };
@@ -474,7 +499,7 @@ impl Db {
                     now,
                 );
             }
-            self.known.insert(name, def);
+            state.reg.get_mut(idx).expect("inserted").stored = stored_of(&def);
         }
         Ok(())
     }
