@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::cell::Take;
 use crate::clock::LazyNow;
 use crate::event::Event;
 use crate::guard::ConcurrencyGuard;
 use crate::limiter::{deliver, Limiter, Shared};
 use crate::names::Names;
+use crate::recent;
 use crate::registry::LimitId;
 use crate::state::{Begin, Look, Request};
 use crate::sync::thread;
@@ -182,20 +184,40 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
 }
 
 /// The uncontended path of one name: an existing active limit with room,
-/// nobody observing. Takes the slots under one lock and reads no clock for a
-/// concurrency acquisition (see [`crate::state::State::take_one`]); `None`
-/// leaves everything to [`run`], which decides and reports exactly as if this
-/// had not been tried.
+/// nobody observing. A concurrency acquisition on a limit that is simple
+/// (nobody queued, no decay, active) takes its slots from the limit's cell
+/// without the engine's lock (see [`crate::cell`]); otherwise one lock and
+/// [`crate::state::State::take_one`]. Reads no clock for a concurrency
+/// acquisition. `None` leaves everything to [`run`], which decides and
+/// reports exactly as if this had not been tried.
 #[inline]
 fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
-    if shared.observer.is_some() {
+    if shared.observer.is_some() || spec.occupy == 0 {
         return None;
     }
     let name = spec.names.single()?;
+    if spec.kind == Kind::Concurrency {
+        if let Some(id) = recent::find(shared.id, name) {
+            let cells = &shared.index.cells;
+            match cells.get(id.idx).map(|c| c.try_take(id.uid, spec.occupy)) {
+                Some(Take::Taken) => {
+                    if shared.store.is_some() {
+                        cells.mark(id.idx);
+                    }
+                    return Some(id);
+                }
+                // Free but without room: the general path queues or refuses.
+                Some(Take::Full) => return None,
+                // Claimed, or the name is another limit's now: the lock
+                // decides (and this thread remembers what it found).
+                Some(Take::Ask) | None => {}
+            }
+        }
+    }
     shared
         .state
         .lock()
-        .take_one(name, spec.occupy, spec.kind, &mut now)
+        .take_one(name, spec.occupy, spec.kind, &mut now, Some(shared.id))
 }
 
 /// Tells the observer what was taken.

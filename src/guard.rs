@@ -57,6 +57,20 @@ impl ConcurrencyGuard {
         if std::mem::replace(&mut self.released, true) || self.ids.is_empty() {
             return held;
         }
+        if let ([id], None) = (&self.ids[..], &self.shared.observer) {
+            // A simple limit takes its slots back without the engine's lock.
+            let index = &self.shared.index;
+            if index
+                .cells
+                .get(id.idx)
+                .is_some_and(|cell| cell.try_give_back(id.uid, self.occupy, held.as_secs_f64()))
+            {
+                if self.shared.store.is_some() {
+                    index.cells.mark(id.idx);
+                }
+                return held;
+            }
+        }
         let mut names = self.shared.observer.as_ref().map(|_| EventNames::new());
         let mut state = self.shared.state.lock();
         if state.release(&self.ids, self.occupy, held, names.as_mut()) {

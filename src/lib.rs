@@ -106,6 +106,7 @@
 #![warn(missing_docs)]
 
 mod acquire;
+mod cell;
 mod clock;
 mod config;
 mod error;
@@ -113,6 +114,7 @@ mod event;
 mod guard;
 mod limiter;
 mod names;
+mod recent;
 mod registry;
 mod slots;
 mod state;

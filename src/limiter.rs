@@ -8,15 +8,19 @@ use std::time::{Duration, Instant};
 use crate::acquire::{Acquire, RateLimit};
 use crate::event::{Event, Observer};
 use crate::names::IntoNames;
-use crate::state::State;
+use crate::registry::Index;
+use crate::state::{Engine, State};
 use crate::store::{Change, Store};
-use crate::sync::Mutex;
 use crate::waiters::Wakes;
 use crate::{Error, LimitConfig, LimitInfo, LimitUpdate};
 
 /// What every clone of a limiter, and every guard, shares.
 pub(crate) struct Shared {
-    pub state: Arc<Mutex<State>>,
+    pub state: Arc<Engine>,
+    /// What the lock-free paths reach (the registry's, shared).
+    pub index: Arc<Index>,
+    /// This limiter's id among the process's, for threads' memory of names.
+    pub id: u64,
     pub observer: Option<Observer>,
     /// The SQLite store, if any; dropping it flushes and stops its writer.
     pub store: Option<Store>,
@@ -143,9 +147,13 @@ impl Limiter {
 
     fn from_parts(observer: Option<Observer>) -> Limiter {
         crate::clock::calibrate();
+        let state = Arc::new(Engine::default());
+        let index = state.lock().reg.index.clone();
         Limiter {
             shared: Arc::new(Shared {
-                state: Arc::new(Mutex::new(State::default())),
+                state,
+                index,
+                id: crate::recent::limiter_id(),
                 observer,
                 store: None,
             }),
@@ -385,14 +393,20 @@ impl LimiterBuilder {
         let Some(path) = self.path else {
             return Ok(Limiter::from_parts(self.observer));
         };
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Engine::default());
         let interval = self.flush_interval.unwrap_or(DEFAULT_FLUSH_INTERVAL);
         let store = Store::open(&path, interval, state.clone())?;
-        state.lock().reg.persist = true;
+        let index = {
+            let mut state = state.lock();
+            state.reg.persist = true;
+            state.reg.index.clone()
+        };
         crate::clock::calibrate();
         Ok(Limiter {
             shared: Arc::new(Shared {
                 state,
+                index,
+                id: crate::recent::limiter_id(),
                 observer: self.observer,
                 store: Some(store),
             }),

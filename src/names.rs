@@ -37,7 +37,12 @@ impl<'a> Names<'a> {
     pub(crate) fn single(&self) -> Option<&str> {
         match &self.0 {
             Repr::One(name) => Some(name),
-            Repr::Few(_) | Repr::Many(_) => None,
+            Repr::Few([Some(name), None, ..]) => Some(name),
+            Repr::Few(_) => None,
+            Repr::Many(names) => match names.as_slice() {
+                [name] => Some(name),
+                _ => None,
+            },
         }
     }
 

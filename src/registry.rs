@@ -3,16 +3,31 @@
 //! Limits live in a slab; a [`LimitId`] is a slab index plus a unique id, so a
 //! guard of a deleted limit never gives slots back to a new limit that reuses
 //! the index or the name.
+//!
+//! Beside the slab, outside the engine's lock, the [`Index`] holds what the
+//! lock-free paths reach: each limit's [`Cell`] of atomics. Every accessor of
+//! a limit here claims its cell for the lock holder (see [`crate::cell`]), and
+//! [`Registry::settle`] sets free again the simple ones the one-name paths
+//! asked for when the engine's lock is released.
 
+use std::cell::{Cell as Flag, RefCell};
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::cell::{Cell, Cells, INITIAL_AVG_OCCUPANCY};
 use crate::config::{LimitConfig, LimitInfo};
 use crate::slots::Slots;
 use crate::waiters::Ticket;
+
+/// What the lock-free paths share with the registry.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    pub cells: Cells,
+}
 
 /// Where a limit lives, and which incarnation of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -106,7 +121,6 @@ pub(crate) struct Limit {
     pub active: bool,
     pub slots: Slots,
     pub denied: u64,
-    pub avg_occupancy: f64,
     /// Waiters blocked on this limit, in ticket order.
     pub queue: Queue,
     /// Sum of the queue's occupy: slots promised to waiters, which newcomers
@@ -116,8 +130,11 @@ pub(crate) struct Limit {
     pub watchers: u32,
     /// Queue entries with `retries` set.
     pub retriers: u32,
-    /// Whether its slot state changed since the store last saved it.
-    pub unsaved: bool,
+    /// Whether the lock holder owns the limit's cell (set when first looked
+    /// at under the lock; cleared when it is set free).
+    claimed: Flag<bool>,
+    /// Whether the limit was looked at under the current hold of the lock.
+    in_section: Flag<bool>,
     /// The store's record of the limit as this owner last read or wrote it.
     pub stored: Stored,
 }
@@ -136,21 +153,15 @@ pub(crate) struct Stored {
     pub resets: u32,
 }
 
-/// Prefect's starting value for the occupancy average.
-const INITIAL_AVG_OCCUPANCY: f64 = 2.0;
-/// Prefect's floor for one slot's occupancy in the average.
-const MIN_OCCUPANCY: f64 = 0.1;
-
 impl Limit {
     pub fn id(&self, idx: u32) -> LimitId {
         LimitId { idx, uid: self.uid }
     }
 
-    /// Folds one release into the occupancy average, as Prefect does.
-    pub fn record_occupancy(&mut self, held_secs: f64, occupy: u32) {
-        let per_slot = (held_secs / f64::from(occupy.max(1))).max(MIN_OCCUPANCY);
-        let weight = 2.0 * f64::from(self.slots.limit.max(1));
-        self.avg_occupancy += (per_slot - self.avg_occupancy) / weight;
+    /// Whether lock-free acquisitions and releases may have it: active,
+    /// nobody queued, no decaying slots (fitting does not depend on time).
+    fn simple(&self) -> bool {
+        self.active && self.queue.is_empty() && !self.slots.has_decaying()
     }
 
     /// Position of `ticket` in the queue (the queue is sorted by ticket).
@@ -229,17 +240,18 @@ impl Limit {
         Some(reserved)
     }
 
-    pub fn info(&self, now: Instant) -> LimitInfo {
+    /// A snapshot; `avg` is the occupancy average from its cell.
+    pub fn info(&self, now: Instant, avg: f64) -> LimitInfo {
         LimitInfo {
             name: self.name.to_string(),
             limit: self.slots.limit,
             active: self.active,
             slot_decay_per_second: self.slots.rate(),
             active_slots: self.slots.active_slots(now),
-            held_slots: self.slots.held.min(u64::from(u32::MAX)) as u32,
+            held_slots: self.slots.held().min(u64::from(u32::MAX)) as u32,
             denied_slots: self.denied,
             waiters: self.queue.len(),
-            avg_slot_occupancy_seconds: self.avg_occupancy,
+            avg_slot_occupancy_seconds: avg,
         }
     }
 }
@@ -251,38 +263,75 @@ pub(crate) struct Registry {
     /// an adversary, and SipHash would cost more than the rest of an
     /// uncontended acquisition.
     by_name: FxHashMap<Arc<str>, u32>,
+    pub index: Arc<Index>,
     slab: Vec<Option<Limit>>,
     free: Vec<u32>,
     next_uid: u32,
     /// Whether a store wants to hear of slot changes.
     pub persist: bool,
-    /// Limits whose slot state changed since the store's last sweep.
-    unsaved: Vec<u32>,
+    /// Limits to set free (if simple) when the lock is released.
+    section: RefCell<SmallVec<[u32; 8]>>,
+}
+
+/// Notes that the lock holder looks at `limit` (at `idx`): claims its cell if
+/// it is free, so that its held count is the registry's from now on.
+#[inline]
+fn enter(index: &Index, idx: u32, limit: &Limit) {
+    if !limit.claimed.replace(true) {
+        let cell = index.cells.get(idx).expect("every limit has a cell");
+        limit.slots.set_held(cell.claim());
+    }
 }
 
 impl Registry {
     /// Notes that a limit's slot state changed, for the store's next sweep.
-    /// Costs one branch without a store, and one flag test per change with one.
+    /// Costs one branch without a store, and one load per change with one.
     pub fn touch(&mut self, idx: u32) {
-        if !self.persist {
-            return;
+        if self.persist {
+            self.index.cells.mark(idx);
         }
-        if let Some(limit) = self.get_mut(idx) {
-            if !std::mem::replace(&mut limit.unsaved, true) {
-                self.unsaved.push(idx);
+    }
+
+    /// Puts the limits changed since the last call into `into` (cleared
+    /// first); nothing is allocated while `into` has room.
+    pub fn take_unsaved(&mut self, into: &mut Vec<u32>) {
+        into.clear();
+        self.index.cells.sweep(|idx| into.push(idx));
+    }
+
+    /// Asks for the limit at `idx` to be set free when the lock is released,
+    /// if it is simple then. The one-name paths ask (the lock-free paths
+    /// serve only them); a limit claimed by anything else stays claimed until
+    /// one of them meets it, so that acquisitions of several limits do not
+    /// claim and free every one of them each time.
+    pub fn free_later(&self, idx: u32) {
+        if let Some(Some(limit)) = self.slab.get(idx as usize) {
+            if limit.claimed.get() && !limit.in_section.replace(true) {
+                self.section.borrow_mut().push(idx);
             }
         }
     }
 
-    /// Swaps the limits changed since the last call into `into` (cleared
-    /// first), and clears their flags; `into`'s old buffer becomes the new
-    /// list, so that in a steady state nothing is allocated.
-    pub fn take_unsaved(&mut self, into: &mut Vec<u32>) {
-        into.clear();
-        std::mem::swap(&mut self.unsaved, into);
-        for &idx in into.iter() {
-            if let Some(limit) = self.get_mut(idx) {
-                limit.unsaved = false;
+    /// Sets free the cells [`Registry::free_later`] asked for that are
+    /// simple, with the registry's held count, capacity and id. Runs
+    /// whenever the engine's lock is released.
+    #[inline]
+    pub fn settle(&mut self) {
+        if self.section.get_mut().is_empty() {
+            return;
+        }
+        let section = self.section.get_mut();
+        for idx in section.drain(..) {
+            let Some(Some(limit)) = self.slab.get(idx as usize) else {
+                continue; // deleted: its cell stays claimed until reused
+            };
+            if !limit.in_section.replace(false) {
+                continue; // asked twice
+            }
+            if limit.claimed.get() && limit.simple() {
+                let cell = self.index.cells.get(idx).expect("every limit has a cell");
+                cell.free(limit.slots.held(), limit.slots.limit, limit.uid);
+                limit.claimed.set(false);
             }
         }
     }
@@ -291,12 +340,28 @@ impl Registry {
         self.by_name.get(name).copied()
     }
 
+    /// The limit at `idx`, claimed for the lock holder.
     pub fn get(&self, idx: u32) -> Option<&Limit> {
-        self.slab.get(idx as usize).and_then(Option::as_ref)
+        let limit = self.slab.get(idx as usize)?.as_ref()?;
+        enter(&self.index, idx, limit);
+        Some(limit)
     }
 
+    /// The limit at `idx`, claimed for the lock holder.
     pub fn get_mut(&mut self, idx: u32) -> Option<&mut Limit> {
-        self.slab.get_mut(idx as usize).and_then(Option::as_mut)
+        let limit = self.slab.get_mut(idx as usize)?.as_mut()?;
+        enter(&self.index, idx, limit);
+        Some(limit)
+    }
+
+    /// The cell of the limit at `idx` (for its occupancy average).
+    pub fn cell(&self, idx: u32) -> &Cell {
+        self.index.cells.get(idx).expect("every limit has a cell")
+    }
+
+    /// The limit `id` names, if it still exists (not deleted, not recreated).
+    pub fn resolve(&self, id: LimitId) -> Option<&Limit> {
+        self.get(id.idx).filter(|l| l.uid == id.uid)
     }
 
     /// The limit `id` names, if it still exists (not deleted, not recreated).
@@ -314,6 +379,12 @@ impl Registry {
         Some((idx, self.get(idx)?))
     }
 
+    /// A snapshot of the limit at `idx`.
+    pub fn info(&self, idx: u32, now: Instant) -> Option<LimitInfo> {
+        let limit = self.get(idx)?;
+        Some(limit.info(now, self.cell(idx).avg()))
+    }
+
     /// Inserts a new limit; the caller has checked that the name is free and
     /// valid.
     pub fn insert(&mut self, name: &str, config: &LimitConfig, now: Instant) -> u32 {
@@ -326,44 +397,53 @@ impl Registry {
             active: config.active,
             slots: Slots::new(config.limit, config.slot_decay_per_second, now),
             denied: 0,
-            avg_occupancy: INITIAL_AVG_OCCUPANCY,
             queue: Queue::default(),
             queued_occupy: 0,
             watchers: 0,
             retriers: 0,
-            unsaved: false,
+            // A new cell, or a deleted limit's, is claimed until settled.
+            claimed: Flag::new(true),
+            in_section: Flag::new(false),
             stored: Stored::default(),
         };
         let idx = match self.free.pop() {
-            Some(idx) => {
-                self.slab[idx as usize] = Some(limit);
-                idx
-            }
+            Some(idx) => idx,
             None => {
-                self.slab.push(Some(limit));
+                self.slab.push(None);
                 u32::try_from(self.slab.len() - 1).expect("fewer than 2^32 limits")
             }
         };
+        let cell = self.index.cells.make(idx);
+        cell.claim();
+        cell.set_avg(INITIAL_AVG_OCCUPANCY);
+        self.slab[idx as usize] = Some(limit);
+        self.get(idx).expect("inserted");
+        self.free_later(idx);
         self.by_name.insert(name, idx);
         idx
     }
 
     pub fn remove(&mut self, idx: u32) -> Option<Limit> {
+        // Claimed (stopping the lock-free paths) before it goes; its cell
+        // stays claimed until the index is reused.
+        self.get(idx)?;
         let limit = self.slab.get_mut(idx as usize)?.take()?;
         self.by_name.remove(&*limit.name);
         self.free.push(idx);
         Some(limit)
     }
 
+    /// Every limit, each claimed for the lock holder.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Limit)> {
-        self.slab
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| Some((i as u32, l.as_ref()?)))
+        self.slab.iter().enumerate().filter_map(|(i, l)| {
+            let limit = l.as_ref()?;
+            enter(&self.index, i as u32, limit);
+            Some((i as u32, limit))
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.slab.len() - self.free.len()
     }
 }
 
@@ -382,19 +462,6 @@ mod tests {
         let again = reg.insert("a", &LimitConfig::new(1), now);
         assert_eq!(again, idx, "the slab slot is reused");
         assert!(reg.resolve_mut(old).is_none(), "but the old id is dead");
-    }
-
-    #[test]
-    fn occupancy_average_follows_prefect() {
-        let now = Instant::now();
-        let mut reg = Registry::default();
-        let idx = reg.insert("a", &LimitConfig::new(2), now);
-        let limit = reg.get_mut(idx).unwrap();
-        limit.record_occupancy(0.0, 1); // floored at 0.1
-        assert!((limit.avg_occupancy - (2.0 + (0.1 - 2.0) / 4.0)).abs() < 1e-12);
-        let before = limit.avg_occupancy;
-        limit.record_occupancy(6.0, 2); // 3 s per slot
-        assert!((limit.avg_occupancy - (before + (3.0 - before) / 4.0)).abs() < 1e-12);
     }
 
     #[test]

@@ -17,8 +17,10 @@ const EPSILON: f64 = 1e-9;
 pub(crate) struct Slots {
     /// Capacity; 0 pauses the limit.
     pub limit: u32,
-    /// Slots held by live guards.
-    pub held: u64,
+    /// Slots held by live guards, while the engine's lock holder owns the
+    /// limit (see [`crate::cell`]); a `Cell` so that claiming a limit can set
+    /// it through a shared reference.
+    held: std::cell::Cell<u64>,
     /// Slots taken by `rate_limit`, as of `at`; they drain at `rate` per second.
     decaying: f64,
     /// When `decaying` was last brought up to date.
@@ -31,11 +33,19 @@ impl Slots {
     pub fn new(limit: u32, rate: f64, now: Instant) -> Self {
         Slots {
             limit,
-            held: 0,
+            held: std::cell::Cell::new(0),
             decaying: 0.0,
             at: now,
             rate,
         }
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.get()
+    }
+
+    pub fn set_held(&self, held: u64) {
+        self.held.set(held);
     }
 
     pub fn rate(&self) -> f64 {
@@ -62,13 +72,13 @@ impl Slots {
     /// Held plus decaying slots, the decaying ones rounded up.
     pub fn active_slots(&self, now: Instant) -> u32 {
         let decaying = (self.decaying(now) - EPSILON).max(0.0).ceil();
-        (self.held as f64 + decaying).min(u32::MAX as f64) as u32
+        (self.held() as f64 + decaying).min(u32::MAX as f64) as u32
     }
 
     /// Whether `occupy` more slots fit behind `reserved` slots promised to
     /// earlier waiters, leaving decay aside.
     pub fn fits_held(&self, reserved: u64, occupy: u32) -> bool {
-        self.held + reserved + u64::from(occupy) <= u64::from(self.limit)
+        self.held() + reserved + u64::from(occupy) <= u64::from(self.limit)
     }
 
     /// [`Slots::fits`], reading the clock only if decaying slots are left.
@@ -86,7 +96,7 @@ impl Slots {
 
     /// Room left for decaying slots once held, reserved and `occupy` are in.
     fn room(&self, reserved: u64, occupy: u32) -> f64 {
-        (u64::from(self.limit) - self.held - reserved - u64::from(occupy)) as f64
+        (u64::from(self.limit) - self.held() - reserved - u64::from(occupy)) as f64
     }
 
     /// When `occupy` slots behind `reserved` will fit by decay alone: `now` if
@@ -114,12 +124,12 @@ impl Slots {
         now.checked_add(Duration::from_nanos(nanos as u64))
     }
 
-    pub fn take_held(&mut self, occupy: u32) {
-        self.held += u64::from(occupy);
+    pub fn take_held(&self, occupy: u32) {
+        self.held.set(self.held() + u64::from(occupy));
     }
 
-    pub fn give_back(&mut self, occupy: u32) {
-        self.held = self.held.saturating_sub(u64::from(occupy));
+    pub fn give_back(&self, occupy: u32) {
+        self.held.set(self.held().saturating_sub(u64::from(occupy)));
     }
 
     /// Takes `occupy` decaying slots as of `since` (at most now): a waiter
@@ -187,7 +197,7 @@ mod tests {
     #[test]
     fn held_slots_fit_up_to_the_limit() {
         let t = Instant::now();
-        let mut s = Slots::new(3, 0.0, t);
+        let s = Slots::new(3, 0.0, t);
         assert!(s.fits(0, 3, t));
         assert!(!s.fits(0, 4, t));
         s.take_held(2);

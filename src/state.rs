@@ -8,6 +8,7 @@
 //! cannot deadlock.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,48 @@ use smallvec::SmallVec;
 use crate::clock::LazyNow;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::names::Names;
+use crate::recent;
 use crate::registry::{LimitId, Registry};
+use crate::sync::{Mutex, MutexGuard};
 use crate::waiters::{Dirty, Ids, Kind, Pump, Status, Ticket, Waiter, Wake, Wakes};
 use crate::Error;
+
+/// The engine's one lock around [`State`]. Releasing it sets free the limits
+/// looked at under it that are simple again, for the lock-free paths (see
+/// [`crate::cell`]).
+#[derive(Debug, Default)]
+pub(crate) struct Engine(Mutex<State>);
+
+impl Engine {
+    #[inline]
+    pub fn lock(&self) -> Locked<'_> {
+        Locked(self.0.lock())
+    }
+}
+
+/// The engine's lock, held.
+pub(crate) struct Locked<'a>(MutexGuard<'a, State>);
+
+impl Deref for Locked<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for Locked<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        self.0.reg.settle();
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
@@ -77,7 +117,7 @@ impl State {
             return Err(Error::InvalidOccupy { occupy: 0 });
         }
         if let Some(name) = req.names.single() {
-            if let Some(id) = self.take_one(name, req.occupy, req.kind, now) {
+            if let Some(id) = self.take_one(name, req.occupy, req.kind, now, None) {
                 return Ok(Begin::Taken(Ids::from_elem(id, 1)));
             }
         }
@@ -188,7 +228,9 @@ impl State {
     ///
     /// `now` is read only if fitting depends on the time (decaying slots): a
     /// concurrency acquisition on a limit without decaying slots reads no
-    /// clock.
+    /// clock. For a concurrency acquisition it asks for the limit to be set
+    /// free for the lock-free path, and with `remember` (the limiter's id)
+    /// this thread remembers where the name leads.
     #[inline]
     pub fn take_one(
         &mut self,
@@ -196,8 +238,19 @@ impl State {
         occupy: u32,
         kind: Kind,
         now: &mut LazyNow,
+        remember: Option<u64>,
     ) -> Option<LimitId> {
         let idx = self.reg.lookup(name)?;
+        let limit = self.reg.get(idx)?;
+        if kind == Kind::Concurrency {
+            // The lock-free path serves this name: let it have the limit
+            // again, and find it.
+            let id = limit.id(idx);
+            if let Some(limiter) = remember.filter(|&l| recent::find(l, name) != Some(id)) {
+                recent::remember(limiter, &limit.name, id);
+            }
+            self.reg.free_later(idx);
+        }
         let limit = self.reg.get_mut(idx)?;
         let usable = limit.active
             && occupy > 0
@@ -327,11 +380,17 @@ impl State {
         let held_secs = held.as_secs_f64();
         for id in ids {
             // A deleted (or deleted and recreated) limit gets nothing back.
-            let Some(limit) = self.reg.resolve_mut(*id) else {
+            let Some(limit) = self.reg.resolve(*id) else {
                 continue;
             };
             limit.slots.give_back(occupy);
-            limit.record_occupancy(held_secs, occupy);
+            self.reg
+                .cell(id.idx)
+                .record_occupancy(held_secs, occupy, limit.slots.limit);
+            if ids.len() == 1 {
+                // A guard of one limit: the lock-free path could serve it.
+                self.reg.free_later(id.idx);
+            }
             if let Some(names) = names.as_deref_mut() {
                 names.push(limit.name.clone());
             }
@@ -404,7 +463,7 @@ impl State {
         self.check_create(name, config)?;
         let idx = self.reg.insert(name, config, now);
         self.reg.touch(idx);
-        Ok(self.reg.get(idx).expect("inserted").info(now))
+        Ok(self.reg.info(idx, now).expect("inserted"))
     }
 
     pub fn update(
@@ -438,7 +497,7 @@ impl State {
             dirty.push(Pump::everyone(idx));
         }
         self.pump(&mut dirty, now, wakes);
-        Ok(self.reg.get(idx).expect("found").info(now))
+        Ok(self.reg.info(idx, now).expect("found"))
     }
 
     pub fn delete(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<(), Error> {
@@ -463,15 +522,19 @@ impl State {
         self.reg.touch(idx);
         let mut dirty: Dirty = SmallVec::from_elem(Pump::everyone(idx), 1);
         self.pump(&mut dirty, now, wakes);
-        Ok(self.reg.get(idx).expect("found").info(now))
+        Ok(self.reg.info(idx, now).expect("found"))
     }
 
     pub fn info(&self, name: &str, now: Instant) -> Option<LimitInfo> {
-        self.reg.by_name(name).map(|(_, l)| l.info(now))
+        self.reg.info(self.reg.lookup(name)?, now)
     }
 
     pub fn infos(&self, now: Instant) -> Vec<LimitInfo> {
-        let mut all: Vec<LimitInfo> = self.reg.iter().map(|(_, l)| l.info(now)).collect();
+        let mut all: Vec<LimitInfo> = self
+            .reg
+            .iter()
+            .map(|(idx, l)| l.info(now, self.reg.cell(idx).avg()))
+            .collect();
         all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         all
     }

@@ -6,7 +6,8 @@
 //! `tests/model_check.rs` only) they come from shuttle, whose scheduler then
 //! controls every lock, park and wake-up of the engine:
 //!
-//! * `Mutex` is shuttle's, with parking_lot's signature (no poisoning).
+//! * `Mutex` is shuttle's, with parking_lot's signature (no poisoning), and
+//!   the atomics of the lock-free paths are shuttle's too.
 //! * `thread::park_timeout` returns at once: shuttle has no clock, so a timed
 //!   wait ends at whatever scheduling point shuttle picks, then the caller
 //!   looks at the real clock, which is what an early (spurious) return of the
@@ -16,7 +17,12 @@
 //!   wake shuttle's tasks).
 
 #[cfg(not(feature = "model"))]
-pub(crate) use parking_lot::Mutex;
+pub(crate) use parking_lot::{Mutex, MutexGuard};
+
+#[cfg(not(feature = "model"))]
+pub(crate) mod atomic {
+    pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+}
 
 #[cfg(not(feature = "model"))]
 pub(crate) mod thread {
@@ -29,7 +35,12 @@ pub(crate) mod timer {
 }
 
 #[cfg(feature = "model")]
-pub(crate) use model::{thread, timer, Mutex};
+pub(crate) use model::{thread, timer, Mutex, MutexGuard};
+
+#[cfg(feature = "model")]
+pub(crate) mod atomic {
+    pub(crate) use shuttle::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+}
 
 #[cfg(feature = "model")]
 mod model {
@@ -48,6 +59,8 @@ mod model {
             self.0.lock().unwrap_or_else(PoisonError::into_inner)
         }
     }
+
+    pub(crate) type MutexGuard<'a, T> = shuttle::sync::MutexGuard<'a, T>;
 
     pub(crate) mod thread {
         use std::time::Duration;

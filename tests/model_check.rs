@@ -162,6 +162,21 @@ impl World {
             })
             .build()
             .expect("in memory");
+        World::with(limiter, limits, configs, bound)
+    }
+
+    /// A world without an observer: one-name acquisitions and releases of
+    /// simple limits then take the lock-free path (an observer turns it off).
+    fn lock_free(limits: &'static [&'static str], configs: &[u32], bound: &'static [u32]) -> World {
+        World::with(Limiter::in_memory(), limits, configs, bound)
+    }
+
+    fn with(
+        limiter: Limiter,
+        limits: &'static [&'static str],
+        configs: &[u32],
+        bound: &'static [u32],
+    ) -> World {
         for (name, limit) in limits.iter().zip(configs) {
             limiter
                 .create_limit(name, LimitConfig::new(*limit))
@@ -500,6 +515,60 @@ fn limit_withdrawn() {
     w.settled();
 }
 
+/// The lock-free path of one-name acquisitions and releases racing
+/// everything that claims the limit under the lock: a two-limit waiter
+/// queueing on it, snapshots, a no-op update, and a deletion and
+/// re-creation while a guard of the old limit is out. Never over-admits,
+/// never loses a wake-up (every blocking acquisition ends), and the old
+/// limit's guard gives nothing to the new one.
+fn lock_free_races() {
+    let w = World::lock_free(&["a", "b"], &[1, 1], &[1, 1]);
+    let h = vec![
+        spawn(&w, |w| {
+            for _ in 0..3 {
+                w.use_once(&["a"], 1);
+            }
+        }),
+        spawn(&w, |w| w.use_once(&["a", "b"], 1)),
+        spawn(&w, |w| {
+            for _ in 0..2 {
+                match w.limiter.concurrency("a", 1).try_acquire().expect("try") {
+                    Some(guard) => {
+                        seen("lock_free_races", "try took");
+                        w.hold(&["a"], guard);
+                    }
+                    None => seen("lock_free_races", "try refused"),
+                }
+            }
+        }),
+    ];
+    let info = w.limiter.limit("a").expect("exists");
+    assert!(info.held_slots <= 1, "{info:?}");
+    w.limiter
+        .update_limit("a", LimitUpdate::new().limit(1))
+        .expect("update");
+    join_all(h);
+    w.settled();
+
+    // A guard of "a" outlives it; "a" is created again and used lock-free
+    // while the old guard drops.
+    let old = w.grab(&["a"], 1);
+    w.leave(&["a"], 1);
+    w.limiter.delete_limit("a").expect("delete");
+    w.limiter
+        .create_limit("a", LimitConfig::new(1))
+        .expect("create");
+    let user = spawn(&w, |w| {
+        for _ in 0..2 {
+            w.use_once(&["a"], 1);
+        }
+    });
+    thread::yield_now();
+    drop(old);
+    join_all(vec![user]);
+    w.settled();
+}
+
 /// `try_acquire` racing a release and a queued multi-limit waiter: it never
 /// takes what the waiter is owed beyond the limit, and the waiter gets through.
 fn try_races_release() {
@@ -531,6 +600,11 @@ fn try_races_release() {
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
+
+#[test]
+fn model_lock_free_races() {
+    check("lock_free_races", lock_free_races);
+}
 
 #[test]
 fn model_cross_order() {

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::config::{LimitConfig, LimitUpdate};
 use crate::registry::{Limit, Stored};
-use crate::state::State;
+use crate::state::Engine;
 use crate::sync::Mutex;
 use crate::waiters::Wakes;
 use crate::Error;
@@ -169,7 +169,7 @@ impl Db {
     }
 
     /// Applies definitions committed by other processes since the last look.
-    pub fn pull(&mut self, state: &Mutex<State>) -> Result<(), Error> {
+    pub fn pull(&mut self, state: &Engine) -> Result<(), Error> {
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -241,7 +241,7 @@ impl Db {
 
     /// Writes the slot state of every limit changed since the last sweep, in
     /// one transaction.
-    pub fn save(&mut self, state: &Mutex<State>) -> Result<usize, Error> {
+    pub fn save(&mut self, state: &Engine) -> Result<usize, Error> {
         let rows: Vec<(Arc<str>, SlotRow)> = {
             let mut state = state.lock();
             state.reg.take_unsaved(&mut self.spare);
@@ -252,14 +252,14 @@ impl Db {
             let at = unix_now();
             self.spare
                 .iter()
-                .filter_map(|&idx| state.reg.get(idx))
-                .map(|l| {
+                .filter_map(|&idx| Some((idx, state.reg.get(idx)?)))
+                .map(|(idx, l)| {
                     let row = SlotRow {
-                        held_slots: l.slots.held,
+                        held_slots: l.slots.held(),
                         decaying_slots: l.slots.decaying(now),
                         decaying_at: at,
                         denied_slots: l.denied,
-                        avg_slot_occupancy_seconds: l.avg_occupancy,
+                        avg_slot_occupancy_seconds: state.reg.cell(idx).avg(),
                         waiters: l.queue.len() as u64,
                     };
                     (l.name.clone(), row)
@@ -324,7 +324,7 @@ fn config_of(def: &Definition) -> LimitConfig {
 /// What the limiter and the writer thread share.
 pub(crate) struct Persist {
     pub db: Mutex<Db>,
-    pub state: Arc<Mutex<State>>,
+    pub state: Arc<Engine>,
 }
 
 /// An open store, owned by one limiter (and all its clones).
@@ -338,11 +338,7 @@ pub(crate) struct Store {
 
 impl Store {
     /// Opens (or creates) the store at `path` for `state`, which must be empty.
-    pub fn open(
-        path: &Path,
-        flush_interval: Duration,
-        state: Arc<Mutex<State>>,
-    ) -> Result<Store, Error> {
+    pub fn open(path: &Path, flush_interval: Duration, state: Arc<Engine>) -> Result<Store, Error> {
         // Judge the file before anything is created beside it or written to it.
         if schema::sniff(path)?.is_some_and(|len| len > 0) {
             schema::inspect(&open_for_reading(path)?, path)?;
@@ -457,7 +453,7 @@ impl Db {
 
     /// Loads every limit into `state`, decaying slots drained by the wall
     /// time that passed since they were written.
-    fn restore(&mut self, state: &Mutex<State>) -> Result<(), Error> {
+    fn restore(&mut self, state: &Engine) -> Result<(), Error> {
         let rows = schema::load(&self.conn).map_err(|e| self.err("cannot read limits", e))?;
         let now = Instant::now();
         let wall = unix_now();
@@ -482,13 +478,13 @@ impl Db {
             }
             let idx = state.reg.insert(&name, &config, now);
             if let Some(row) = slots {
-                let limit = state.reg.get_mut(idx).expect("inserted");
-                limit.denied = row.denied_slots;
                 if row.avg_slot_occupancy_seconds.is_finite()
                     && row.avg_slot_occupancy_seconds >= 0.0
                 {
-                    limit.avg_occupancy = row.avg_slot_occupancy_seconds;
+                    state.reg.cell(idx).set_avg(row.avg_slot_occupancy_seconds);
                 }
+                let limit = state.reg.get_mut(idx).expect("inserted");
+                limit.denied = row.denied_slots;
                 limit.slots.restore_decaying(
                     drained(
                         row.decaying_slots,
