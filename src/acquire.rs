@@ -99,8 +99,11 @@ enum Mode {
 /// Spins (yielding now and then) for a short while before a queued thread
 /// first parks: holds are often short, and a waiter that is still running
 /// when its slots are handed to it uses them at once, where a parked one
-/// keeps them idle until the scheduler gets round to it; under contention
-/// that difference decides between a queue that drains and a convoy.
+/// keeps them idle until the scheduler gets round to it. Only the first in
+/// line spins: waiters behind it would burn the CPU that the holders and
+/// the head of the queue need (with more threads than cores, spinning by
+/// everyone turned a limit of 4 shared by 8 threads into a convoy, 15 times
+/// slower than parking at once).
 fn spin_until(woken: &AtomicBool) {
     // Under the model checker every spin would be a schedule to explore.
     if cfg!(feature = "model") {
@@ -151,12 +154,13 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
         }
         Begin::Refused if mode == Mode::Try => return Ok(None),
         Begin::Refused => return Err(spec.timed_out(Duration::ZERO)),
-        Begin::Queued(ticket) => ticket,
+        Begin::Queued { ticket, first } => (ticket, first),
         Begin::Create(_) => unreachable!("handled above"),
     };
+    let (ticket, first) = ticket;
     let start = clock.get();
     let deadline = spec.deadline(start);
-    if let Some(woken) = woken.get() {
+    if let (Some(woken), true) = (woken.get(), first) {
         spin_until(woken);
     }
     loop {
@@ -196,8 +200,10 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
         return None;
     }
     let name = spec.names.single()?;
+    let mut remember = None;
     if spec.kind == Kind::Concurrency {
-        if let Some(id) = recent::find(shared.id, name) {
+        remember = recent::Key::new(shared.id, name);
+        if let Some(id) = remember.as_ref().and_then(recent::find) {
             let cells = &shared.index.cells;
             match cells.get(id.idx).map(|c| c.try_take(id.uid, spec.occupy)) {
                 Some(Take::Taken) => {
@@ -209,7 +215,7 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
                 // Free but without room: the general path queues or refuses.
                 Some(Take::Full) => return None,
                 // Claimed, or the name is another limit's now: the lock
-                // decides (and this thread remembers what it found).
+                // decides (and this thread remembers what it finds).
                 Some(Take::Ask) | None => {}
             }
         }
@@ -217,7 +223,7 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
     shared
         .state
         .lock()
-        .take_one(name, spec.occupy, spec.kind, &mut now, Some(shared.id))
+        .take_one(name, spec.occupy, spec.kind, &mut now, remember)
 }
 
 /// Tells the observer what was taken.
@@ -588,7 +594,7 @@ impl Waiting {
                     Ok(Begin::Refused) => {
                         return self.finish(Err(self.spec.timed_out(Duration::ZERO)))
                     }
-                    Ok(Begin::Queued(ticket)) => {
+                    Ok(Begin::Queued { ticket, .. }) => {
                         self.ticket = Some(ticket);
                         ticket
                     }

@@ -6,27 +6,88 @@
 //! take (see [`crate::cell::Cell::try_take`]), so an entry left behind by a
 //! deleted or re-created limit costs one trip through the lock, which then
 //! replaces it. Entries are keyed by the limiter's id as well, so limiters
-//! never see each other's.
+//! never see each other's. Names are kept inline (no allocation, no
+//! reference count), so remembering costs a copy; longer names are not
+//! remembered and always take the lock.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use crate::registry::LimitId;
 
-/// Names remembered per thread.
-const WAYS: usize = 4;
+/// Names remembered per thread: a direct-mapped table.
+const WAYS: usize = 8;
+/// The longest name remembered, in 8-byte words.
+const WORDS: usize = 5;
+const LONGEST: usize = WORDS * 8;
 
-#[derive(Debug)]
-struct Entry {
+/// A limiter and a name, packed into words with a hash of them, so that
+/// finding an entry is one hash and a few word comparisons (no call).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Key {
+    hash: u64,
     limiter: u64,
-    name: Arc<str>,
-    id: LimitId,
+    len: usize,
+    words: [u64; WORDS],
+}
+
+impl Key {
+    /// `None` for a name too long to remember.
+    #[inline]
+    pub fn new(limiter: u64, name: &str) -> Option<Key> {
+        let bytes = name.as_bytes();
+        if bytes.len() > LONGEST {
+            return None;
+        }
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut words = [0u64; WORDS];
+        let mut hash = (limiter ^ bytes.len() as u64).wrapping_mul(K);
+        let mut chunks = bytes.chunks_exact(8);
+        let mut n = 0;
+        for chunk in &mut chunks {
+            words[n] = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            n += 1;
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            // Byte by byte: a copy into a buffer read back as a word costs a
+            // call and a stalled load on the hot path.
+            let mut word = 0u64;
+            for (j, &b) in rest.iter().enumerate() {
+                word |= u64::from(b) << (8 * j);
+            }
+            words[n] = word;
+            n += 1;
+        }
+        for &word in &words[..n] {
+            hash = (hash.rotate_left(23) ^ word).wrapping_mul(K);
+        }
+        Some(Key {
+            hash,
+            limiter,
+            len: bytes.len(),
+            words,
+        })
+    }
+
+    #[inline]
+    fn slot(&self) -> usize {
+        (self.hash >> 61) as usize % WAYS
+    }
+
+    #[inline]
+    fn same(&self, other: &Key) -> bool {
+        self.hash == other.hash
+            && self.limiter == other.limiter
+            && self.len == other.len
+            && self.words.iter().zip(&other.words).all(|(a, b)| a == b)
+    }
 }
 
 thread_local! {
-    /// Most recently remembered first.
-    static RECENT: RefCell<[Option<Entry>; WAYS]> = const { RefCell::new([const { None }; WAYS]) };
+    static RECENT: RefCell<[Option<(Key, LimitId)>; WAYS]> = const {
+        RefCell::new([None; WAYS])
+    };
 }
 
 /// A new limiter's id, never reused in this process.
@@ -35,41 +96,19 @@ pub(crate) fn limiter_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The id this thread last saw `name` resolve to in `limiter`.
+/// The id this thread last saw `key`'s name resolve to in its limiter.
 #[inline]
-pub(crate) fn find(limiter: u64, name: &str) -> Option<LimitId> {
-    RECENT
-        .try_with(|recent| {
-            let recent = recent.borrow();
-            recent
-                .iter()
-                .flatten()
-                .find(|e| e.limiter == limiter && *e.name == *name)
-                .map(|e| e.id)
-        })
-        .ok()
-        .flatten()
+pub(crate) fn find(key: &Key) -> Option<LimitId> {
+    RECENT.with_borrow(|recent| match &recent[key.slot()] {
+        Some((k, id)) if k.same(key) => Some(*id),
+        _ => None,
+    })
 }
 
-/// Remembers that `name` resolves to `id` in `limiter` (first, pushing the
-/// least recent out).
-pub(crate) fn remember(limiter: u64, name: &Arc<str>, id: LimitId) {
-    let _ = RECENT.try_with(|recent| {
-        let mut recent = recent.borrow_mut();
-        let pos = recent
-            .iter()
-            .position(|e| {
-                e.as_ref()
-                    .is_some_and(|e| e.limiter == limiter && *e.name == **name)
-            })
-            .unwrap_or(WAYS - 1);
-        recent[..=pos].rotate_right(1);
-        recent[0] = Some(Entry {
-            limiter,
-            name: name.clone(),
-            id,
-        });
-    });
+/// Remembers that `key`'s name resolves to `id` (in place of whatever shared
+/// its slot).
+pub(crate) fn remember(key: Key, id: LimitId) {
+    RECENT.with_borrow_mut(|recent| recent[key.slot()] = Some((key, id)));
 }
 
 #[cfg(test)]
@@ -83,18 +122,43 @@ mod tests {
         }
     }
 
+    fn remember(limiter: u64, name: &str, id: LimitId) {
+        if let Some(key) = Key::new(limiter, name) {
+            super::remember(key, id);
+        }
+    }
+
+    fn find(limiter: u64, name: &str) -> Option<LimitId> {
+        super::find(&Key::new(limiter, name)?)
+    }
+
     #[test]
-    fn remembers_the_last_few_per_limiter() {
-        let names: Vec<Arc<str>> = ["a", "b", "c", "d", "e"].map(Arc::from).to_vec();
+    fn remembers_names_per_limiter() {
+        let names: Vec<String> = (0..100).map(|i| format!("limit-{i:03}")).collect();
         for (i, name) in names.iter().enumerate() {
             remember(7, name, id(i as u32));
         }
-        assert_eq!(find(7, "a"), None, "pushed out by the fifth");
-        assert_eq!(find(7, "e"), Some(id(4)));
-        assert_eq!(find(7, "b"), Some(id(1)));
-        assert_eq!(find(8, "e"), None, "another limiter");
-        remember(7, &names[1], id(9));
-        assert_eq!(find(7, "b"), Some(id(9)), "replaced, not duplicated");
-        assert_eq!(find(7, "c"), Some(id(2)));
+        let kept: Vec<usize> = (0..100).filter(|&i| find(7, &names[i]).is_some()).collect();
+        assert!(!kept.is_empty() && kept.len() <= WAYS, "{kept:?}");
+        for &i in &kept {
+            assert_eq!(find(7, &names[i]), Some(id(i as u32)), "never another's id");
+            assert_eq!(find(8, &names[i]), None, "another limiter");
+        }
+        let last = &names[99];
+        assert_eq!(find(7, last), Some(id(99)), "the last is kept");
+        assert_eq!(find(7, "limit-09"), None, "a prefix");
+        assert_eq!(find(7, "limit-0999"), None, "a longer name");
+        remember(7, last, id(500));
+        assert_eq!(find(7, last), Some(id(500)), "replaced");
+    }
+
+    #[test]
+    fn long_names_are_not_remembered() {
+        let long = "x".repeat(LONGEST + 1);
+        remember(3, &long, id(1));
+        assert_eq!(find(3, &long), None);
+        let longest = "y".repeat(LONGEST);
+        remember(3, &longest, id(2));
+        assert_eq!(find(3, &longest), Some(id(2)));
     }
 }

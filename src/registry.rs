@@ -354,7 +354,13 @@ impl Registry {
         Some(limit)
     }
 
-    /// The cell of the limit at `idx` (for its occupancy average).
+    /// The id of the limit at `idx`, without claiming it: a limit's id (like
+    /// its name) never changes while it lives.
+    pub fn id_of(&self, idx: u32) -> Option<LimitId> {
+        Some(self.slab.get(idx as usize)?.as_ref()?.id(idx))
+    }
+
+    /// The cell of the limit at `idx`.
     pub fn cell(&self, idx: u32) -> &Cell {
         self.index.cells.get(idx).expect("every limit has a cell")
     }

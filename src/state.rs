@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
+use crate::cell::Take;
 use crate::clock::LazyNow;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::names::Names;
@@ -69,6 +70,18 @@ pub(crate) struct State {
     pub pumps: u64,
 }
 
+/// How many first places in line spin before parking (see
+/// `acquire::spin_until`). Temporary knob for measurements.
+fn spin_places() -> usize {
+    static PLACES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PLACES.get_or_init(|| {
+        std::env::var("ZZ_SPIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    })
+}
+
 /// One acquisition, as the builders describe it.
 pub(crate) struct Request<'r, 'n> {
     pub names: &'r Names<'n>,
@@ -86,8 +99,9 @@ pub(crate) enum Begin {
     Taken(Ids),
     /// Did not fit, and the caller did not want to wait.
     Refused,
-    /// Did not fit; queued.
-    Queued(Ticket),
+    /// Did not fit; queued. `first`: nobody was queued before it on any of
+    /// its limits, so it is next in line.
+    Queued { ticket: Ticket, first: bool },
     /// These missing limits must be created (and stored) first; then try
     /// again.
     Create(Vec<String>),
@@ -218,7 +232,15 @@ impl State {
             decay_at: None,
             wake: wake(),
         };
-        Ok(Begin::Queued(self.enqueue(waiter, now.get())))
+        let ahead = waiter
+            .ids
+            .iter()
+            .map(|id| self.reg.get(id.idx).map_or(0, |l| l.queue.len()))
+            .max()
+            .unwrap_or(0);
+        let first = ahead < spin_places();
+        let ticket = self.enqueue(waiter, now.get());
+        Ok(Begin::Queued { ticket, first })
     }
 
     /// The fast path: one name, an existing active limit with room and
@@ -228,9 +250,10 @@ impl State {
     ///
     /// `now` is read only if fitting depends on the time (decaying slots): a
     /// concurrency acquisition on a limit without decaying slots reads no
-    /// clock. For a concurrency acquisition it asks for the limit to be set
-    /// free for the lock-free path, and with `remember` (the limiter's id)
-    /// this thread remembers where the name leads.
+    /// clock. For a concurrency acquisition it takes from a free cell without
+    /// claiming it, or asks for the claimed limit to be set free for the
+    /// lock-free path; with `remember` (the name's key in this thread's
+    /// memory) this thread remembers where the name leads.
     #[inline]
     pub fn take_one(
         &mut self,
@@ -238,18 +261,28 @@ impl State {
         occupy: u32,
         kind: Kind,
         now: &mut LazyNow,
-        remember: Option<u64>,
+        remember: Option<recent::Key>,
     ) -> Option<LimitId> {
         let idx = self.reg.lookup(name)?;
-        let limit = self.reg.get(idx)?;
         if kind == Kind::Concurrency {
-            // The lock-free path serves this name: let it have the limit
-            // again, and find it.
-            let id = limit.id(idx);
-            if let Some(limiter) = remember.filter(|&l| recent::find(l, name) != Some(id)) {
-                recent::remember(limiter, &limit.name, id);
+            // The lock-free path serves this name: let this thread find it.
+            let id = self.reg.id_of(idx)?;
+            if let Some(key) = remember {
+                recent::remember(key, id);
             }
-            self.reg.free_later(idx);
+            // A free cell takes the slots itself, unclaimed.
+            match self.reg.cell(idx).try_take(id.uid, occupy) {
+                Take::Taken => {
+                    self.reg.touch(idx);
+                    return Some(id);
+                }
+                Take::Full => return None,
+                // Claimed: decide below, and set it free again if simple.
+                Take::Ask => {
+                    self.reg.get(idx)?;
+                    self.reg.free_later(idx);
+                }
+            }
         }
         let limit = self.reg.get_mut(idx)?;
         let usable = limit.active
