@@ -2,10 +2,11 @@
 //! it: first attempts, waiting, releases and the registry's changes (which
 //! must wake, pass or fail waiters).
 //!
-//! One lock guards the registry and all queues. An uncontended acquisition
-//! takes it once and a release once; the all-or-nothing check over several
-//! limits and the fair grants then need no lock ordering at all, so they
-//! cannot deadlock.
+//! One lock guards the registry and all queues; the all-or-nothing check over
+//! several limits and the fair grants then need no lock ordering at all, so
+//! they cannot deadlock. An uncontended one-name acquisition on a simple limit
+//! and its release skip the lock altogether (see [`crate::cell`]); releasing
+//! the lock ([`Locked`]'s drop) sets such limits free again.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
