@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
@@ -284,6 +285,38 @@ fn a_queued_waiter_blocks_lock_free_newcomers_and_gets_the_release() {
         assert_eq!(held(&limiter, "a"), 0);
         let g = take(&limiter, "a", 2);
         drop(g);
+    });
+}
+
+/// The same hand-over to an async waiter: a lock-free guard's release
+/// finds the limit claimed by the queued future and wakes it.
+#[test]
+fn a_lock_free_release_wakes_an_async_waiter() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(1)).unwrap();
+        drop(take(&limiter, "a", 1));
+        for round in 0..50 {
+            let g = take(&limiter, "a", 1); // lock-free
+            let waiter = {
+                let limiter = limiter.clone();
+                thread::spawn(move || {
+                    let fut = limiter
+                        .concurrency("a", 1)
+                        .timeout(Duration::from_secs(20))
+                        .into_future();
+                    drop(futures::executor::block_on(fut).expect("woken by the release"));
+                })
+            };
+            if round % 2 == 0 {
+                assert!(eventually(Duration::from_secs(10), || limiter
+                    .limit("a")
+                    .is_some_and(|i| i.waiters == 1)));
+            }
+            drop(g);
+            waiter.join().unwrap();
+            assert_eq!(held(&limiter, "a"), 0, "round {round}");
+        }
     });
 }
 
@@ -607,7 +640,7 @@ fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration
     let start = Instant::now();
     let mut inc: u64 = 0;
     let mut seq: u64 = 0;
-    let mut unstable = |seq: &mut u64| {
+    let unstable = |seq: &mut u64| {
         *seq += 1;
         watch.x_state.store(*seq, SeqCst);
     };
