@@ -569,6 +569,107 @@ fn lock_free_races() {
     w.settled();
 }
 
+/// Counts a guard in the shadow only (no snapshot, which would claim the
+/// limit and send the guard's release through the lock), yields, counts it
+/// out and drops it: so that the release really is lock-free whenever the
+/// limit was left free.
+fn hold_quietly(w: &World, name: &str, guard: ConcurrencyGuard) {
+    let i = w.index(name);
+    let occupy = guard.occupy();
+    {
+        let mut shadow = w.shadow.lock().unwrap();
+        shadow[i] += occupy;
+        assert!(
+            shadow[i] <= w.bound[i],
+            "{name}: {} slots held, at most {} allowed",
+            shadow[i],
+            w.bound[i]
+        );
+    }
+    thread::yield_now();
+    w.shadow.lock().unwrap()[i] -= occupy;
+    drop(guard);
+}
+
+/// The lock-free path handing slots over: one-name blocking acquisitions
+/// and tries of a limit whose guards are counted without snapshots (so
+/// they are taken and given back lock-free whenever the limit is free),
+/// racing a waiter that queues on it (a lock-free release must then find
+/// the claim and hand over) and a lowering and raising of its capacity.
+/// Never over the capacity, no lost wake-up.
+fn lock_free_handoff() {
+    let w = World::lock_free(&["a"], &[2], &[2]);
+    let h = vec![
+        spawn(&w, |w| {
+            for _ in 0..2 {
+                let g = w.limiter.concurrency("a", 1).acquire().expect("acquire");
+                hold_quietly(&w, "a", g);
+            }
+        }),
+        spawn(&w, |w| {
+            match w.limiter.concurrency("a", 2).acquire() {
+                Ok(g) => {
+                    seen("lock_free_handoff", "two granted");
+                    hold_quietly(&w, "a", g)
+                }
+                // Lowered below its occupy while it waited (or before).
+                Err(Error::OccupyExceedsLimit { .. }) => {
+                    seen("lock_free_handoff", "two refused by the lowering")
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }),
+        spawn(&w, |w| {
+            for _ in 0..2 {
+                match w.limiter.concurrency("a", 1).try_acquire().expect("try") {
+                    Some(g) => {
+                        seen("lock_free_handoff", "try took");
+                        hold_quietly(&w, "a", g);
+                    }
+                    None => seen("lock_free_handoff", "try refused"),
+                }
+            }
+        }),
+    ];
+    w.limiter
+        .update_limit("a", LimitUpdate::new().limit(1))
+        .expect("lower");
+    w.limiter
+        .update_limit("a", LimitUpdate::new().limit(2))
+        .expect("raise");
+    join_all(h);
+    w.settled();
+}
+
+/// A lock-free release of a limit racing its deletion and re-creation
+/// (inactive, so that nothing of its own moves its occupancy average): the
+/// old guard's hold must not be folded into the new limit's average, which
+/// stays at Prefect's initial 2.0.
+fn lock_free_reborn_average() {
+    let w = World::lock_free(&["a"], &[1], &[1]);
+    let take = || {
+        w.limiter
+            .concurrency("a", 1)
+            .try_acquire()
+            .expect("try")
+            .expect("free")
+    };
+    drop(take()); // via the lock: "a" is set free
+    let old = take(); // lock-free (no snapshot: "a" stays free)
+    let releaser = thread::spawn(move || drop(old));
+    w.limiter.delete_limit("a").expect("delete");
+    w.limiter
+        .create_limit("a", LimitConfig::new(1).active(false))
+        .expect("create");
+    releaser.join().expect("release");
+    let info = w.limiter.limit("a").expect("exists");
+    assert_eq!(
+        (info.held_slots, info.avg_slot_occupancy_seconds),
+        (0, 2.0),
+        "the new limit got something of the old one's guard: {info:?}"
+    );
+}
+
 /// `try_acquire` racing a release and a queued multi-limit waiter: it never
 /// takes what the waiter is owed beyond the limit, and the waiter gets through.
 fn try_races_release() {
@@ -604,6 +705,17 @@ fn try_races_release() {
 #[test]
 fn model_lock_free_races() {
     check("lock_free_races", lock_free_races);
+}
+
+#[test]
+fn model_lock_free_handoff() {
+    check("lock_free_handoff", lock_free_handoff);
+}
+
+#[test]
+#[ignore = "engine bug: a lock-free release folds its hold into the average of the limit re-created in its cell (Cell::try_give_back records after the CAS without re-checking the claim/uid)"]
+fn model_lock_free_reborn_average() {
+    check("lock_free_reborn_average", lock_free_reborn_average);
 }
 
 #[test]

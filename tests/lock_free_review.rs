@@ -1,0 +1,760 @@
+//! Review of the lock-free one-name path (src/cell.rs, src/recent.rs): a
+//! limiter without an observer takes and gives back the slots of a simple
+//! limit (active, nobody queued, no decaying slots) without the engine's
+//! lock. These tests race that path against everything that claims a limit
+//! under the lock (updates, deactivation, deletion and re-creation,
+//! multi-limit acquisitions, snapshots, the store's writer) and check the
+//! invariants from the outside:
+//!
+//! * never more held than the capacity (shadow counts per incarnation);
+//! * no lost wake-up (a blocking acquisition with a long timeout never
+//!   times out while holds are short);
+//! * a guard of a deleted limit gives nothing to its successor;
+//! * the store sees every change;
+//! * a thread's memory of names never leads to the wrong limit.
+//!
+//! No limiter here has an observer: an observer turns the lock-free path off.
+
+mod common;
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{eventually, inspect_store, seed_from_env, watchdog, Rng, TempDir, WATCHDOG};
+use turnstile::{ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter};
+
+/// A one-name try that must succeed.
+fn take(limiter: &Limiter, name: &str, occupy: u32) -> ConcurrencyGuard {
+    limiter
+        .concurrency(name, occupy)
+        .create_if_missing(false)
+        .try_acquire()
+        .expect("try")
+        .unwrap_or_else(|| panic!("{name}: {occupy} should fit"))
+}
+
+/// A one-name try that must be refused.
+fn refused(limiter: &Limiter, name: &str, occupy: u32) {
+    let got = limiter
+        .concurrency(name, occupy)
+        .create_if_missing(false)
+        .try_acquire()
+        .expect("try");
+    assert!(got.is_none(), "{name}: {occupy} must not fit");
+}
+
+fn held(limiter: &Limiter, name: &str) -> u32 {
+    limiter.limit(name).expect("exists").held_slots
+}
+
+// ---------------------------------------------------------------------------
+// Deterministic cases
+// ---------------------------------------------------------------------------
+
+/// The basic contract of the cell: takes what fits, refuses what does not,
+/// gives back exactly, and a snapshot in between (which claims the limit)
+/// sees the lock-free count.
+#[test]
+fn lock_free_takes_are_counted_and_bounded() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("a", LimitConfig::new(3)).unwrap();
+    // The first try goes through the lock and sets the limit free; the
+    // following ones take from the cell.
+    let g1 = take(&limiter, "a", 1);
+    let g2 = take(&limiter, "a", 1);
+    let g3 = take(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    assert_eq!(held(&limiter, "a"), 3, "the snapshot sees lock-free takes");
+    refused(&limiter, "a", 1);
+    drop(g2);
+    let g4 = take(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    drop((g1, g3, g4));
+    assert_eq!(held(&limiter, "a"), 0);
+    let big = take(&limiter, "a", 3);
+    refused(&limiter, "a", 1);
+    drop(big);
+    assert_eq!(held(&limiter, "a"), 0);
+}
+
+/// Lowering the capacity while the limit is free (and while lock-free
+/// guards are out): the cell must not keep admitting against the old
+/// capacity.
+#[test]
+fn a_lowered_limit_is_not_exceeded_lock_free() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("a", LimitConfig::new(4)).unwrap();
+    let g1 = take(&limiter, "a", 1);
+    let g2 = take(&limiter, "a", 1);
+    limiter
+        .update_limit("a", LimitUpdate::new().limit(2))
+        .unwrap();
+    refused(&limiter, "a", 1);
+    drop(g1); // maybe lock-free, maybe not
+    let g3 = take(&limiter, "a", 1); // sets the limit free again
+    refused(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    drop(g2);
+    drop(g3);
+    let g4 = take(&limiter, "a", 2);
+    refused(&limiter, "a", 1);
+    drop(g4);
+    limiter
+        .update_limit("a", LimitUpdate::new().limit(3))
+        .unwrap();
+    let all = take(&limiter, "a", 3);
+    refused(&limiter, "a", 1);
+    drop(all);
+    assert_eq!(held(&limiter, "a"), 0);
+}
+
+/// Deactivation while lock-free guards are out, then reactivation: the
+/// guards still give back what they took, and the count stays exact.
+#[test]
+fn deactivation_and_reactivation_keep_the_count() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+    let g1 = take(&limiter, "a", 1);
+    let g2 = take(&limiter, "a", 1);
+    limiter
+        .update_limit("a", LimitUpdate::new().active(false))
+        .unwrap();
+    // Inactive: passes, holding nothing.
+    let free_pass = take(&limiter, "a", 2);
+    drop(g1);
+    limiter
+        .update_limit("a", LimitUpdate::new().active(true))
+        .unwrap();
+    drop(free_pass);
+    assert_eq!(held(&limiter, "a"), 1, "g2 still holds");
+    let g3 = take(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    drop((g2, g3));
+    assert_eq!(held(&limiter, "a"), 0);
+}
+
+/// A guard of a deleted limit, taken lock-free, gives nothing to the limit
+/// created again under the same name (same slab index, same cell); the
+/// thread's memory of the name must not take from the new limit with the
+/// old limit's identity either.
+#[test]
+fn a_deleted_limits_guard_gives_nothing_to_its_successor() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+    let _warm = take(&limiter, "a", 1);
+    drop(_warm);
+    let old = take(&limiter, "a", 2); // lock-free: this thread knows "a"
+    limiter.delete_limit("a").unwrap();
+    limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+    let new1 = take(&limiter, "a", 1); // via the lock: the memory is stale
+    let new2 = take(&limiter, "a", 1); // lock-free on the new limit
+    refused(&limiter, "a", 1);
+    drop(old);
+    assert_eq!(held(&limiter, "a"), 2, "the old guard gave nothing back");
+    refused(&limiter, "a", 1);
+    drop((new1, new2));
+    assert_eq!(held(&limiter, "a"), 0);
+}
+
+/// The index of a deleted limit reused by another name: this thread's
+/// memory of the old name must not lead an acquisition of the old name to
+/// the new limit.
+#[test]
+fn a_reused_index_is_not_reached_through_the_old_name() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("a", LimitConfig::new(1)).unwrap();
+    drop(take(&limiter, "a", 1));
+    drop(take(&limiter, "a", 1));
+    limiter.delete_limit("a").unwrap();
+    limiter.create_limit("b", LimitConfig::new(1)).unwrap();
+    drop(take(&limiter, "b", 1)); // "b" set free, in "a"'s old cell
+                                  // "a" is missing: without create_if_missing it passes holding nothing.
+    let g = limiter
+        .concurrency("a", 1)
+        .create_if_missing(false)
+        .try_acquire()
+        .unwrap()
+        .expect("a missing limit is skipped");
+    assert_eq!(held(&limiter, "b"), 0, "nothing taken from b");
+    let gb = take(&limiter, "b", 1);
+    drop(g);
+    assert_eq!(held(&limiter, "b"), 1, "a's guard gave nothing to b");
+    drop(gb);
+    // Strict: a missing name is an error, not b's slots.
+    let err = limiter
+        .concurrency("a", 1)
+        .strict(true)
+        .try_acquire()
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+}
+
+/// Two limiters with the same names (so the same indices and incarnation
+/// ids): a thread's memory of one never takes from the other.
+#[test]
+fn limiters_never_share_a_threads_memory() {
+    let one = Limiter::in_memory();
+    let two = Limiter::in_memory();
+    for l in [&one, &two] {
+        l.create_limit("a", LimitConfig::new(1)).unwrap();
+    }
+    drop(take(&one, "a", 1));
+    let g1 = take(&one, "a", 1);
+    let g2 = take(&two, "a", 1);
+    refused(&one, "a", 1);
+    refused(&two, "a", 1);
+    let clone = one.clone();
+    refused(&clone, "a", 1);
+    drop(g1);
+    assert_eq!((held(&one, "a"), held(&two, "a")), (0, 1));
+    let g3 = take(&clone, "a", 1);
+    drop(g2);
+    assert_eq!((held(&one, "a"), held(&two, "a")), (1, 0));
+    drop(g3);
+    // A limiter made after another was dropped gets a new identity.
+    drop((one, clone));
+    let three = Limiter::in_memory();
+    three.create_limit("a", LimitConfig::new(1)).unwrap();
+    let g4 = take(&three, "a", 1);
+    refused(&three, "a", 1);
+    drop(g4);
+    assert_eq!(held(&three, "a"), 0);
+}
+
+/// The capacity at the top of the range: the cell keeps 32 bits of held
+/// slots, which must neither overflow into its epoch nor wrap.
+#[test]
+fn the_largest_capacity_fills_exactly() {
+    let limiter = Limiter::in_memory();
+    limiter
+        .create_limit("a", LimitConfig::new(u32::MAX))
+        .unwrap();
+    drop(take(&limiter, "a", 1));
+    let g1 = take(&limiter, "a", u32::MAX - 1);
+    let g2 = take(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    refused(&limiter, "a", u32::MAX);
+    assert_eq!(held(&limiter, "a"), u32::MAX);
+    drop(g2);
+    let g3 = take(&limiter, "a", 1);
+    refused(&limiter, "a", 1);
+    drop((g1, g3));
+    assert_eq!(held(&limiter, "a"), 0);
+    let all = take(&limiter, "a", u32::MAX);
+    refused(&limiter, "a", 1);
+    drop(all);
+    assert_eq!(held(&limiter, "a"), 0);
+}
+
+/// A queued waiter turns the lock-free path off: a newcomer's try never
+/// takes what the waiter is owed, and a lock-free guard's release hands
+/// the slots to the waiter.
+#[test]
+fn a_queued_waiter_blocks_lock_free_newcomers_and_gets_the_release() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(2)).unwrap();
+        drop(take(&limiter, "a", 1));
+        let g1 = take(&limiter, "a", 1); // lock-free
+        let waiter = {
+            let limiter = limiter.clone();
+            thread::spawn(move || {
+                let g = limiter
+                    .concurrency("a", 2)
+                    .timeout(Duration::from_secs(20))
+                    .acquire()
+                    .expect("granted once g1 is released");
+                drop(g);
+            })
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || limiter
+                .limit("a")
+                .is_some_and(|i| i.waiters == 1)),
+            "the waiter queues"
+        );
+        // One slot is free, but the waiter is owed it.
+        for _ in 0..3 {
+            refused(&limiter, "a", 1);
+        }
+        drop(g1); // the cell is claimed: the release goes through the lock
+        waiter.join().unwrap();
+        assert_eq!(held(&limiter, "a"), 0);
+        let g = take(&limiter, "a", 2);
+        drop(g);
+    });
+}
+
+/// The same hand-over to an async waiter: a lock-free guard's release
+/// finds the limit claimed by the queued future and wakes it.
+#[test]
+fn a_lock_free_release_wakes_an_async_waiter() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(1)).unwrap();
+        drop(take(&limiter, "a", 1));
+        for round in 0..50 {
+            let g = take(&limiter, "a", 1); // lock-free
+            let waiter = {
+                let limiter = limiter.clone();
+                thread::spawn(move || {
+                    let fut = limiter
+                        .concurrency("a", 1)
+                        .timeout(Duration::from_secs(20))
+                        .into_future();
+                    drop(futures::executor::block_on(fut).expect("woken by the release"));
+                })
+            };
+            if round % 2 == 0 {
+                assert!(eventually(Duration::from_secs(10), || limiter
+                    .limit("a")
+                    .is_some_and(|i| i.waiters == 1)));
+            }
+            drop(g);
+            waiter.join().unwrap();
+            assert_eq!(held(&limiter, "a"), 0, "round {round}");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The occupancy average of a re-created limit
+// ---------------------------------------------------------------------------
+
+/// A lock-free release of the old limit that lands between the delete and
+/// the re-creation must not be folded into the new limit's average: the
+/// new limit is created inactive, so nothing of its own can move its
+/// average from the initial 2.0.
+///
+/// Found by reading `Cell::try_give_back`: the hold is folded into the
+/// average after the compare-and-swap, without looking at the word again,
+/// so a claim, delete and re-creation (which resets the average) in between
+/// lets the old guard's hold into the new limit's average. The window is a
+/// few instructions, yet this test hits it in a few re-creations in a
+/// hundred in a debug build on 2 cores; `model_lock_free_reborn_average`
+/// in tests/model_check.rs is the deterministic reproduction.
+#[test]
+#[ignore = "engine bug: a lock-free release folds its hold into the average of the limit re-created in its cell (Cell::try_give_back records after the CAS without re-checking the claim/uid)"]
+fn a_recreated_limits_average_starts_clean_under_races() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("a", LimitConfig::new(4)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let laps: Arc<Vec<AtomicU64>> = Arc::new((0..3).map(|_| AtomicU64::new(0)).collect());
+        let workers: Vec<_> = (0..3)
+            .map(|i| {
+                let (limiter, stop, laps) = (limiter.clone(), stop.clone(), laps.clone());
+                thread::spawn(move || {
+                    while !stop.load(SeqCst) {
+                        if let Some(g) = limiter
+                            .concurrency("a", 1)
+                            .create_if_missing(false)
+                            .try_acquire()
+                            .expect("try")
+                        {
+                            drop(g);
+                        }
+                        laps[i].fetch_add(1, SeqCst);
+                    }
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        let mut cycles = 0;
+        let mut polluted = Vec::new();
+        while start.elapsed() < Duration::from_millis(1500) {
+            limiter.delete_limit("a").unwrap();
+            limiter
+                .create_limit("a", LimitConfig::new(4).active(false))
+                .unwrap();
+            // Every worker finishes the lap it was in (and any release of
+            // the old limit with it).
+            let at: Vec<u64> = laps.iter().map(|l| l.load(SeqCst)).collect();
+            assert!(eventually(Duration::from_secs(10), || laps
+                .iter()
+                .zip(&at)
+                .all(|(l, &a)| l.load(SeqCst) >= a + 2)));
+            let avg = limiter.limit("a").unwrap().avg_slot_occupancy_seconds;
+            if avg != 2.0 {
+                polluted.push(avg);
+            }
+            limiter
+                .update_limit("a", LimitUpdate::new().active(true))
+                .unwrap();
+            // Let the workers set it free and use it lock-free again.
+            let at: Vec<u64> = laps.iter().map(|l| l.load(SeqCst)).collect();
+            assert!(eventually(Duration::from_secs(10), || laps
+                .iter()
+                .zip(&at)
+                .all(|(l, &a)| l.load(SeqCst) >= a + 20)));
+            cycles += 1;
+        }
+        stop.store(true, SeqCst);
+        for w in workers {
+            w.join().unwrap();
+        }
+        eprintln!(
+            "recreated average: {cycles} re-creations, {} polluted",
+            polluted.len()
+        );
+        assert!(
+            polluted.is_empty(),
+            "a new limit's average moved without any use: {polluted:?}"
+        );
+        assert_eq!(held(&limiter, "a"), 0);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The store
+// ---------------------------------------------------------------------------
+
+fn stored(path: &std::path::Path, name: &str) -> (i64, f64) {
+    let conn = inspect_store(path);
+    conn.query_row(
+        "SELECT s.held_slots, s.avg_slot_occupancy_seconds
+           FROM slot_state s JOIN limits l ON l.name = s.name WHERE l.name = ?1",
+        [name],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap_or_else(|e| panic!("{name} in the store: {e}"))
+}
+
+/// Lock-free takes and releases reach the store: after a flush the file
+/// holds the held count and the average the limiter reports.
+#[test]
+fn lock_free_changes_reach_the_store() {
+    let dir = TempDir::new("lock-free-store");
+    let path = dir.path("s.db");
+    let limiter = Limiter::builder()
+        .path(&path)
+        .flush_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    limiter.create_limit("a", LimitConfig::new(5)).unwrap();
+    drop(take(&limiter, "a", 1));
+    limiter.flush().unwrap();
+    let g1 = take(&limiter, "a", 2);
+    let g2 = take(&limiter, "a", 1);
+    limiter.flush().unwrap();
+    assert_eq!(stored(&path, "a").0, 3, "lock-free takes saved");
+    drop(g1);
+    limiter.flush().unwrap();
+    let info = limiter.limit("a").unwrap();
+    assert_eq!(stored(&path, "a"), (1, info.avg_slot_occupancy_seconds));
+    drop(take(&limiter, "a", 1)); // sets it free again
+    drop(g2); // lock-free
+    limiter.flush().unwrap();
+    let info = limiter.limit("a").unwrap();
+    assert_eq!(info.held_slots, 0);
+    assert_eq!(stored(&path, "a"), (0, info.avg_slot_occupancy_seconds));
+}
+
+/// Lock-free traffic racing the store's writer (a short flush interval and
+/// explicit flushes): once everything is released and flushed, the file
+/// agrees with the limiter.
+#[test]
+fn the_writer_misses_no_lock_free_change() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("lock-free-writer");
+        let path = dir.path("s.db");
+        let limiter = Limiter::builder()
+            .path(&path)
+            .flush_interval(Duration::from_millis(1))
+            .build()
+            .unwrap();
+        limiter.create_limit("a", LimitConfig::new(3)).unwrap();
+        limiter.create_limit("b", LimitConfig::new(2)).unwrap();
+        let mut ops = 0u64;
+        for round in 0..30 {
+            let workers: Vec<_> = (0..2u64)
+                .map(|i| {
+                    let limiter = limiter.clone();
+                    thread::spawn(move || {
+                        let mut rng = Rng::new(round * 2 + i + 1);
+                        let mut kept = Vec::new();
+                        for _ in 0..200 {
+                            let name = if rng.chance(70) { "a" } else { "b" };
+                            if let Some(g) = limiter
+                                .concurrency(name, 1)
+                                .create_if_missing(false)
+                                .try_acquire()
+                                .unwrap()
+                            {
+                                kept.push(g);
+                            }
+                            if kept.len() > 1 || rng.chance(50) {
+                                kept.pop();
+                            }
+                        }
+                        200
+                    })
+                })
+                .collect();
+            limiter.flush().unwrap();
+            for w in workers {
+                ops += w.join().unwrap();
+            }
+            limiter.flush().unwrap();
+            for name in ["a", "b"] {
+                let info = limiter.limit(name).unwrap();
+                assert_eq!(info.held_slots, 0, "{name}: {info:?}");
+                assert_eq!(
+                    stored(&path, name),
+                    (0, info.avg_slot_occupancy_seconds),
+                    "{name} after round {round}"
+                );
+            }
+        }
+        eprintln!("writer race: {ops} acquisitions over 30 rounds");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Randomized stress with invariant checks
+// ---------------------------------------------------------------------------
+
+const HI: u32 = 4;
+const LO: u32 = 2;
+const Y_CAP: u32 = 3;
+const MAX_INCARNATIONS: usize = 100_000;
+
+/// What the workers check against.
+struct Watch {
+    /// A sequence number of x's changes, odd while x is being deleted,
+    /// re-created, deactivated or reactivated: a guard is counted for x only
+    /// if this was even and did not change across its acquisition.
+    x_state: AtomicU64,
+    /// x's incarnation (changes only while `x_state` is odd).
+    x_inc: AtomicU64,
+    /// Slots held by counted guards, per incarnation of x (counted after
+    /// the guard is had, uncounted before it drops: never more than the
+    /// limiter's held slots of that incarnation).
+    x_in_use: Vec<AtomicI64>,
+    /// An upper bound on x's held slots now: HI, or LO once the controller
+    /// lowered x and saw its held slots drain to LO.
+    x_bound: AtomicU32,
+    y_in_use: AtomicI64,
+    stop: AtomicBool,
+    grants: AtomicU64,
+    refusals: AtomicU64,
+}
+
+/// A guard and what it was counted in.
+struct Held {
+    guard: ConcurrencyGuard,
+    x: Option<usize>,
+    y: bool,
+}
+
+impl Watch {
+    fn count_in(&self, guard: ConcurrencyGuard, names: &[&str], before: u64) -> Held {
+        let occupy = i64::from(guard.occupy());
+        let after = self.x_state.load(SeqCst);
+        let x = (names.contains(&"x") && before == after && before & 1 == 0)
+            .then(|| self.x_inc.load(SeqCst) as usize);
+        if let Some(inc) = x {
+            let now = self.x_in_use[inc].fetch_add(occupy, SeqCst) + occupy;
+            let bound = self.x_bound.load(SeqCst);
+            assert!(
+                now <= i64::from(bound),
+                "x (incarnation {inc}): {now} slots held by counted guards, bound {bound}"
+            );
+        }
+        let y = names.contains(&"y");
+        if y {
+            let now = self.y_in_use.fetch_add(occupy, SeqCst) + occupy;
+            assert!(
+                now <= i64::from(Y_CAP),
+                "y: {now} slots held by counted guards"
+            );
+        }
+        self.grants.fetch_add(1, SeqCst);
+        Held { guard, x, y }
+    }
+
+    fn count_out(&self, held: Held) {
+        let occupy = i64::from(held.guard.occupy());
+        if let Some(inc) = held.x {
+            self.x_in_use[inc].fetch_sub(occupy, SeqCst);
+        }
+        if held.y {
+            self.y_in_use.fetch_sub(occupy, SeqCst);
+        }
+        drop(held.guard);
+    }
+}
+
+fn worker(limiter: Limiter, watch: Arc<Watch>, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut kept: Vec<Held> = Vec::new();
+    while !watch.stop.load(SeqCst) {
+        let occupy = 1 + rng.below(2) as u32;
+        let names: &[&str] = match rng.below(10) {
+            0..=5 => &["x"],
+            6 | 7 => &["x", "y"],
+            _ => &["y"],
+        };
+        let before = watch.x_state.load(SeqCst);
+        let acq = limiter.concurrency(names, occupy).create_if_missing(false);
+        let got = if rng.chance(60) {
+            acq.try_acquire()
+        } else {
+            // Never wait while holding (that would be the test's deadlock).
+            for held in kept.drain(..) {
+                watch.count_out(held);
+            }
+            // Holds are short: a wait this long is a lost wake-up.
+            acq.timeout(Duration::from_secs(10)).acquire().map(Some)
+        };
+        match got {
+            Ok(Some(guard)) => kept.push(watch.count_in(guard, names, before)),
+            Ok(None) => {
+                watch.refusals.fetch_add(1, SeqCst);
+            }
+            Err(e) => panic!("{names:?} x{occupy}: {e:?}"),
+        }
+        while kept.len() > 1 || (!kept.is_empty() && rng.chance(60)) {
+            let i = rng.below(kept.len() as u64) as usize;
+            watch.count_out(kept.swap_remove(i));
+        }
+        if rng.chance(10) {
+            thread::yield_now();
+        }
+    }
+    for held in kept {
+        watch.count_out(held);
+    }
+}
+
+fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration) -> [u64; 5] {
+    let mut done = [0u64; 5];
+    // `LOCK_FREE_OPS` (digits 0-4) narrows the controller to some of its
+    // operations, to find which of them a failure needs.
+    let ops: Vec<usize> = std::env::var("LOCK_FREE_OPS")
+        .map(|s| s.bytes().map(|b| usize::from(b - b'0')).collect())
+        .unwrap_or_else(|_| (0..5).collect());
+    let start = Instant::now();
+    let mut inc: u64 = 0;
+    let mut seq: u64 = 0;
+    let unstable = |seq: &mut u64| {
+        *seq += 1;
+        watch.x_state.store(*seq, SeqCst);
+    };
+    while start.elapsed() < run_for {
+        let op = ops[rng.below(ops.len() as u64) as usize];
+        match op {
+            0 => {
+                // Lower, wait until held drains to LO, hold the bound, raise.
+                limiter
+                    .update_limit("x", LimitUpdate::new().limit(LO))
+                    .unwrap();
+                assert!(
+                    eventually(Duration::from_secs(10), || limiter
+                        .limit("x")
+                        .is_some_and(|i| i.held_slots <= LO)),
+                    "x never drained to its lowered limit"
+                );
+                watch.x_bound.store(LO, SeqCst);
+                thread::sleep(Duration::from_micros(500));
+                watch.x_bound.store(HI, SeqCst);
+                limiter
+                    .update_limit("x", LimitUpdate::new().limit(HI))
+                    .unwrap();
+            }
+            1 => {
+                unstable(&mut seq);
+                limiter
+                    .update_limit("x", LimitUpdate::new().active(false))
+                    .unwrap();
+                thread::yield_now();
+                limiter
+                    .update_limit("x", LimitUpdate::new().active(true))
+                    .unwrap();
+                unstable(&mut seq);
+            }
+            2 => {
+                if inc as usize + 1 >= MAX_INCARNATIONS {
+                    continue;
+                }
+                unstable(&mut seq);
+                limiter.delete_limit("x").unwrap();
+                thread::yield_now();
+                limiter.create_limit("x", LimitConfig::new(HI)).unwrap();
+                inc += 1;
+                watch.x_inc.store(inc, SeqCst);
+                unstable(&mut seq);
+            }
+            3 => {
+                for info in limiter.limits() {
+                    let cap = if info.name == "x" { HI } else { Y_CAP };
+                    assert!(info.held_slots <= cap, "{info:?}");
+                }
+            }
+            _ => {
+                limiter.reset_limit("x").unwrap();
+            }
+        }
+        done[op] += 1;
+        thread::sleep(Duration::from_micros(200));
+    }
+    done
+}
+
+/// Four workers (one-name tries and blocking acquisitions of x and y, and
+/// of both at once) against a controller that lowers and raises x, turns
+/// it off and on, deletes and re-creates it, resets it and snapshots every
+/// limit. `LOCK_FREE_SEED` repeats a run.
+#[test]
+fn stress_lock_free_against_everything_that_claims() {
+    let seed = seed_from_env("LOCK_FREE_SEED");
+    eprintln!("LOCK_FREE_SEED={seed}");
+    watchdog(WATCHDOG, move || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("x", LimitConfig::new(HI)).unwrap();
+        limiter.create_limit("y", LimitConfig::new(Y_CAP)).unwrap();
+        let watch = Arc::new(Watch {
+            x_state: AtomicU64::new(0),
+            x_inc: AtomicU64::new(0),
+            x_in_use: (0..MAX_INCARNATIONS).map(|_| AtomicI64::new(0)).collect(),
+            x_bound: AtomicU32::new(HI),
+            y_in_use: AtomicI64::new(0),
+            stop: AtomicBool::new(false),
+            grants: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+        });
+        let workers: Vec<_> = (0..4)
+            .map(|i| {
+                let (limiter, watch) = (limiter.clone(), watch.clone());
+                thread::spawn(move || worker(limiter, watch, seed.wrapping_add(i)))
+            })
+            .collect();
+        let mut rng = Rng::new(seed ^ 0xC0FFEE);
+        let done = controller(&limiter, &watch, &mut rng, Duration::from_millis(2000));
+        watch.stop.store(true, SeqCst);
+        for w in workers {
+            w.join().expect("a worker failed");
+        }
+        for name in ["x", "y"] {
+            let info = limiter.limit(name).unwrap();
+            assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
+        }
+        // Every slot is back and usable, lock-free or not.
+        let all = take(&limiter, "x", HI);
+        refused(&limiter, "x", 1);
+        drop(all);
+        let all = take(&limiter, "y", Y_CAP);
+        refused(&limiter, "y", 1);
+        drop(all);
+        assert!(format!("{limiter:?}").contains("waiters: 0"));
+        eprintln!(
+            "stress: {} grants, {} refusals; controller lower/off-on/recreate/snapshot/reset {:?}",
+            watch.grants.load(SeqCst),
+            watch.refusals.load(SeqCst),
+            done
+        );
+    });
+}
