@@ -29,6 +29,10 @@
 //!
 //! The occupancy average lives only here: every release, lock-free or not,
 //! folds into it by compare-and-swap, so none is lost to a race with a claim.
+//! It carries the low 16 bits of its limit's id beside 48 bits of the `f64`
+//! (36 bits of mantissa: about 11 significant digits), so that a lock-free
+//! release that lost a race with the deletion of its limit cannot fold its
+//! hold into the average of a limit re-created in the same cell.
 
 use std::sync::OnceLock;
 
@@ -72,7 +76,7 @@ pub(crate) struct Cell {
     limit: AtomicU32,
     /// The limit's unique id, as of the last release of a claim.
     uid: AtomicU32,
-    /// The occupancy average (`f64` bits).
+    /// The occupancy average, tagged with its limit's id (see [`Avg`]).
     avg: AtomicU64,
 }
 
@@ -83,7 +87,7 @@ impl Default for Cell {
             word: AtomicU64::new(CLAIMED),
             limit: AtomicU32::new(0),
             uid: AtomicU32::new(0),
-            avg: AtomicU64::new(INITIAL_AVG_OCCUPANCY.to_bits()),
+            avg: AtomicU64::new(Avg::pack(0, INITIAL_AVG_OCCUPANCY)),
         }
     }
 }
@@ -135,7 +139,7 @@ impl Cell {
                 Err(now) => word = now,
             }
         }
-        self.record_occupancy(held_secs, occupy, self.limit.load(SeqCst));
+        self.record_occupancy(uid, held_secs, occupy, self.limit.load(SeqCst));
         true
     }
 
@@ -158,27 +162,57 @@ impl Cell {
     }
 
     pub fn avg(&self) -> f64 {
-        f64::from_bits(self.avg.load(SeqCst))
+        Avg::value(self.avg.load(SeqCst))
     }
 
-    pub fn set_avg(&self, avg: f64) {
-        self.avg.store(avg.to_bits(), SeqCst);
+    /// Sets the average of the limit `uid` (a new one, or one restored).
+    pub fn set_avg(&self, uid: u32, avg: f64) {
+        self.avg.store(Avg::pack(uid, avg), SeqCst);
     }
 
-    /// Folds one release into the occupancy average, as Prefect does:
-    /// `avg += (max(held / occupy, 0.1) - avg) / (2 * limit)`.
-    pub fn record_occupancy(&self, held_secs: f64, occupy: u32, limit: u32) {
+    /// Folds one release of the limit `uid` into the occupancy average, as
+    /// Prefect does: `avg += (max(held / occupy, 0.1) - avg) / (2 * limit)`.
+    /// Nothing if the cell is another limit's now.
+    pub fn record_occupancy(&self, uid: u32, held_secs: f64, occupy: u32, limit: u32) {
         let per_slot = (held_secs / f64::from(occupy.max(1))).max(MIN_OCCUPANCY);
         let weight = 2.0 * f64::from(limit.max(1));
         let mut old = self.avg.load(SeqCst);
         loop {
-            let avg = f64::from_bits(old);
-            let new = (avg + (per_slot - avg) / weight).to_bits();
+            if !Avg::is_of(old, uid) {
+                return;
+            }
+            let avg = Avg::value(old);
+            let new = Avg::pack(uid, avg + (per_slot - avg) / weight);
             match self.avg.compare_exchange_weak(old, new, SeqCst, SeqCst) {
                 Ok(_) => return,
                 Err(now) => old = now,
             }
         }
+    }
+}
+
+/// The packing of a tagged occupancy average: the low 16 bits of the
+/// limit's id, then the top 48 bits of the `f64`.
+struct Avg;
+
+impl Avg {
+    const TAG_SHIFT: u32 = 48;
+    const VALUE: u64 = (1 << Avg::TAG_SHIFT) - 1;
+
+    /// Rounded to the nearest kept value (a carry into the exponent is the
+    /// right rounding too).
+    fn pack(uid: u32, avg: f64) -> u64 {
+        let bits = avg.to_bits();
+        let rounded = (bits >> 16) + ((bits >> 15) & 1);
+        (u64::from(uid & 0xFFFF) << Avg::TAG_SHIFT) | (rounded & Avg::VALUE)
+    }
+
+    fn value(packed: u64) -> f64 {
+        f64::from_bits((packed & Avg::VALUE) << 16)
+    }
+
+    fn is_of(packed: u64, uid: u32) -> bool {
+        packed >> Avg::TAG_SHIFT == u64::from(uid & 0xFFFF)
     }
 }
 
@@ -331,11 +365,31 @@ mod tests {
     #[test]
     fn the_average_follows_prefect() {
         let cell = Cell::default();
-        cell.record_occupancy(0.0, 1, 2); // floored at 0.1
-        assert!((cell.avg() - (2.0 + (0.1 - 2.0) / 4.0)).abs() < 1e-12);
+        cell.set_avg(7, 2.0);
+        cell.record_occupancy(7, 0.0, 1, 2); // floored at 0.1
+        assert!((cell.avg() - (2.0 + (0.1 - 2.0) / 4.0)).abs() < 1e-10);
         let before = cell.avg();
-        cell.record_occupancy(6.0, 2, 2); // 3 s per slot
-        assert!((cell.avg() - (before + (3.0 - before) / 4.0)).abs() < 1e-12);
+        cell.record_occupancy(7, 6.0, 2, 2); // 3 s per slot
+        assert!((cell.avg() - (before + (3.0 - before) / 4.0)).abs() < 1e-10);
+    }
+
+    #[test]
+    fn the_average_is_its_limits_only() {
+        let cell = Cell::default();
+        cell.set_avg(7, 2.0);
+        cell.set_avg(8, 2.0); // limit 7 deleted, 8 created in its cell
+        cell.record_occupancy(7, 0.0, 1, 1);
+        assert_eq!(cell.avg(), 2.0, "a late release of 7 changed 8's average");
+        cell.record_occupancy(8, 0.0, 1, 1);
+        assert!((cell.avg() - 1.05).abs() < 1e-10);
+        for avg in [0.1, 2.0, 3.25, 1e9, 0.0] {
+            cell.set_avg(u32::MAX, avg);
+            assert!(
+                (cell.avg() - avg).abs() <= avg * 1e-10,
+                "{avg}: {}",
+                cell.avg()
+            );
+        }
     }
 
     #[test]

@@ -421,7 +421,7 @@ impl Registry {
         };
         let cell = self.index.cells.make(idx);
         cell.claim();
-        cell.set_avg(INITIAL_AVG_OCCUPANCY);
+        cell.set_avg(self.next_uid, INITIAL_AVG_OCCUPANCY);
         self.slab[idx as usize] = Some(limit);
         self.get(idx).expect("inserted");
         self.free_later(idx);

@@ -420,7 +420,7 @@ impl State {
             limit.slots.give_back(occupy);
             self.reg
                 .cell(id.idx)
-                .record_occupancy(held_secs, occupy, limit.slots.limit);
+                .record_occupancy(id.uid, held_secs, occupy, limit.slots.limit);
             if ids.len() == 1 {
                 // A guard of one limit: the lock-free path could serve it.
                 self.reg.free_later(id.idx);

@@ -337,7 +337,6 @@ fn a_lock_free_release_wakes_an_async_waiter() {
 /// hundred in a debug build on 2 cores; `model_lock_free_reborn_average`
 /// in tests/model_check.rs is the deterministic reproduction.
 #[test]
-#[ignore = "engine bug: a lock-free release folds its hold into the average of the limit re-created in its cell (Cell::try_give_back records after the CAS without re-checking the claim/uid)"]
 fn a_recreated_limits_average_starts_clean_under_races() {
     watchdog(WATCHDOG, || {
         let limiter = Limiter::in_memory();

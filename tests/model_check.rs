@@ -713,7 +713,6 @@ fn model_lock_free_handoff() {
 }
 
 #[test]
-#[ignore = "engine bug: a lock-free release folds its hold into the average of the limit re-created in its cell (Cell::try_give_back records after the CAS without re-checking the claim/uid)"]
 fn model_lock_free_reborn_average() {
     check("lock_free_reborn_average", lock_free_reborn_average);
 }

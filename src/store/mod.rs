@@ -481,7 +481,11 @@ impl Db {
                 if row.avg_slot_occupancy_seconds.is_finite()
                     && row.avg_slot_occupancy_seconds >= 0.0
                 {
-                    state.reg.cell(idx).set_avg(row.avg_slot_occupancy_seconds);
+                    let uid = state.reg.id_of(idx).expect("inserted").uid;
+                    state
+                        .reg
+                        .cell(idx)
+                        .set_avg(uid, row.avg_slot_occupancy_seconds);
                 }
                 let limit = state.reg.get_mut(idx).expect("inserted");
                 limit.denied = row.denied_slots;
