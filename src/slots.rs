@@ -154,6 +154,16 @@ impl Slots {
         self.at = self.at.max(now);
     }
 
+    /// Forgets decaying slots that have all drained by `now`, so that the
+    /// limit no longer depends on the time (and may go lock-free again). The
+    /// time of the last take is kept: a take backdated to before `now`
+    /// counts from it as before.
+    pub fn forget_drained(&mut self, now: Instant) {
+        if self.has_decaying() && self.decaying(now) <= 0.0 {
+            self.decaying = 0.0;
+        }
+    }
+
     /// Changes the decay rate from `now` on; what drained before stays drained.
     pub fn set_rate(&mut self, rate: f64, now: Instant) {
         self.settle(now);
@@ -247,6 +257,18 @@ mod tests {
         // Held slots are not drained by decay.
         s.take_held(9);
         assert_eq!(s.fits_at(0, 2, t), None);
+    }
+
+    #[test]
+    fn drained_slots_are_forgotten_only_once_drained() {
+        let t = Instant::now();
+        let mut s = Slots::new(2, 4.0, t);
+        s.take_decaying(1, t);
+        s.forget_drained(t + secs(0.2));
+        assert!(s.has_decaying(), "0.2 of a slot left");
+        s.forget_drained(t + secs(0.25));
+        assert!(!s.has_decaying());
+        assert!(s.fits(0, 2, t));
     }
 
     #[test]

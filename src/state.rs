@@ -71,18 +71,6 @@ pub(crate) struct State {
     pub pumps: u64,
 }
 
-/// How many first places in line spin before parking (see
-/// `acquire::spin_until`). Temporary knob for measurements.
-fn spin_places() -> usize {
-    static PLACES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PLACES.get_or_init(|| {
-        std::env::var("ZZ_SPIN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
-    })
-}
-
 /// One acquisition, as the builders describe it.
 pub(crate) struct Request<'r, 'n> {
     pub names: &'r Names<'n>,
@@ -233,13 +221,10 @@ impl State {
             decay_at: None,
             wake: wake(),
         };
-        let ahead = waiter
+        let first = waiter
             .ids
             .iter()
-            .map(|id| self.reg.get(id.idx).map_or(0, |l| l.queue.len()))
-            .max()
-            .unwrap_or(0);
-        let first = ahead < spin_places();
+            .all(|id| self.reg.get(id.idx).is_some_and(|l| l.queue.is_empty()));
         let ticket = self.enqueue(waiter, now.get());
         Ok(Begin::Queued { ticket, first })
     }
@@ -286,6 +271,10 @@ impl State {
             }
         }
         let limit = self.reg.get_mut(idx)?;
+        if kind == Kind::Concurrency && limit.slots.has_decaying() {
+            // A limit once rate-limited may go lock-free again when drained.
+            limit.slots.forget_drained(now.get());
+        }
         let usable = limit.active
             && occupy > 0
             && occupy <= limit.slots.limit
