@@ -53,8 +53,12 @@ impl ConcurrencyGuard {
     }
 
     fn give_back(&mut self) -> Duration {
+        // Dropped after `release`: nothing left to do, and no clock to read.
+        if std::mem::replace(&mut self.released, true) {
+            return Duration::ZERO;
+        }
         let held = self.held_for();
-        if std::mem::replace(&mut self.released, true) || self.ids.is_empty() {
+        if self.ids.is_empty() {
             return held;
         }
         if let ([id], None) = (&self.ids[..], &self.shared.observer) {
