@@ -165,6 +165,7 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     if let (Some(woken), true) = (woken.get(), first) {
         spin_until(woken);
     }
+    let mut spun = first;
     loop {
         let now = Instant::now();
         let mut wakes = Wakes::new();
@@ -182,9 +183,23 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
                     })
                 })
             }
-            // Spurious and early unparks only cost another look.
-            Look::Wait(Some(at)) => thread::park_timeout(at.saturating_duration_since(now)),
-            Look::Wait(None) => thread::park(),
+            Look::Wait { at, first } => {
+                // Moved up to the head of the line (its predecessor was
+                // granted, and woke it): spin once more before parking.
+                if let (Some(woken), true, false) = (woken.get(), first, spun) {
+                    spun = true;
+                    woken.store(false, Ordering::Release);
+                    spin_until(woken);
+                    if woken.load(Ordering::Acquire) {
+                        continue;
+                    }
+                }
+                // Spurious and early unparks only cost another look.
+                match at {
+                    Some(at) => thread::park_timeout(at.saturating_duration_since(now)),
+                    None => thread::park(),
+                }
+            }
         }
     }
 }
@@ -619,7 +634,7 @@ impl Waiting {
                     waited: now - start,
                 }))
             }
-            Look::Wait(at) => {
+            Look::Wait { at, .. } => {
                 // Re-armed at every pending poll: the task's waker may change.
                 if let Some(old) = self.timer.take() {
                     timer().cancel(old);

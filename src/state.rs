@@ -99,8 +99,12 @@ pub(crate) enum Begin {
 /// The outcome of a look at a queued waiter.
 pub(crate) enum Look {
     Done(Result<Ids, Error>),
-    /// Still queued; look again when woken or at this instant.
-    Wait(Option<Instant>),
+    /// Still queued; look again when woken or at `at`. `first`: at the head
+    /// of its limit's queue (next in line).
+    Wait {
+        at: Option<Instant>,
+        first: bool,
+    },
 }
 
 /// Names of limits, for events; only gathered when someone observes.
@@ -342,7 +346,13 @@ impl State {
             (Some(d), Some(at)) => Some(d.min(at)),
             (d, at) => d.or(at),
         };
-        Look::Wait(wake_at)
+        let first = waiter.ids.iter().all(|id| {
+            self.reg
+                .get(id.idx)
+                .and_then(|l| l.queue.get(0))
+                .is_some_and(|q| q.ticket == ticket)
+        });
+        Look::Wait { at: wake_at, first }
     }
 
     /// Replaces the waker of a queued async waiter.

@@ -465,6 +465,31 @@ impl State {
         }
         waiter.status = Status::Granted;
         wakes.push(waiter.wake.clone());
+        // On a limit of one slot, its next in line (a thread waiting for that
+        // limit alone) is woken to spin at the head: its turn comes exactly
+        // when the waiter just granted releases, and it had better be
+        // running then. With more slots its turn comes with whichever holder
+        // releases first, and a spinner only takes the CPU from them
+        // (measured: 8 threads on a limit of 4 fell from 2.7-5.4 to 1.3-1.5 M
+        // acquisitions/s with it; a limit of 1 rose from 0.07-0.08 to 0.10-0.12).
+        if let [id] = waiter.ids[..] {
+            let next = self
+                .reg
+                .get(id.idx)
+                .filter(|l| l.slots.limit == 1)
+                .and_then(|l| l.queue.get(0))
+                .and_then(|q| self.waiters.get(&q.ticket));
+            if let Some(
+                next @ Waiter {
+                    wake: Wake::Thread(..),
+                    status: Status::Queued,
+                    ..
+                },
+            ) = next
+            {
+                wakes.push(next.wake.clone());
+            }
+        }
     }
 
     /// Fails a queued waiter with `err`, giving its reservations back.
