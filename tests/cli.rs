@@ -748,6 +748,61 @@ fn fails_untouched(scratch: &Scratch, db: &Path, args: &[&str]) -> Run {
     run
 }
 
+/// A hand edit that leaves text where a number belongs in a slot row: the
+/// owner refuses the store without writing to it, the CLI's reads name the
+/// limit and the repair, and `reset` repairs it.
+#[test]
+fn an_unreadable_slot_value_is_named_and_reset_repairs_it() {
+    let scratch = Scratch::new("unreadable-slot");
+    let db = scratch.path("limits.db");
+    turnstile(
+        &db,
+        &[
+            "create",
+            "api",
+            "--limit",
+            "2",
+            "--slot-decay-per-second",
+            "1",
+        ],
+    )
+    .success();
+    turnstile(&db, &["create", "gpu", "--limit", "1"]).success();
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute(
+            "INSERT OR REPLACE INTO slot_state (name, decaying_slots, decaying_at) \
+             VALUES ('api', 1.0, 'yesterday')",
+            [],
+        )
+        .unwrap();
+    }
+    let before = fs::read(&db).unwrap();
+    let files = scratch.entries();
+    let err = Limiter::open(&db).expect_err("an unreadable slot value");
+    let message = err.to_string();
+    for part in ["\"api\"", "decaying_at", "turnstile reset api"] {
+        assert!(message.contains(part), "{part} missing from: {message}");
+    }
+    assert!(
+        fs::read(&db).unwrap() == before,
+        "the owner altered the file"
+    );
+    assert_eq!(scratch.entries(), files, "the owner left files behind");
+
+    let ls = fails_untouched(&scratch, &db, &["ls"]);
+    assert!(ls.stderr.contains("turnstile reset api"), "{}", ls.stderr);
+    turnstile(&db, &["reset", "api"]).success();
+    let limiter = Limiter::open(&db).expect("repaired");
+    let api = limiter.limit("api").unwrap();
+    assert_eq!((api.limit, api.active_slots), (2, 0), "{api:?}");
+    assert_eq!(
+        limiter.limit("gpu").unwrap().limit,
+        1,
+        "the other limit kept"
+    );
+}
+
 const MISSING_NAME_VERBS: &[&[&str]] = &[
     &["update", "nope", "--limit", "3"],
     &["update", "nope", "--disable"],

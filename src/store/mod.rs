@@ -299,6 +299,18 @@ fn definition(config: &LimitConfig, reset_count: i64, incarnation: i64) -> Defin
     }
 }
 
+/// A definition read from the file must be one the CLI could have written.
+fn check_row(path: &Path, name: &str, def: &Definition) -> Result<(), Error> {
+    if crate::config::validate_name(name).is_err() || config_of(def).validate(name).is_err() {
+        return Err(Error::Storage {
+            path: path.display().to_string(),
+            message: format!("limit {name:?} in the store is invalid: {def:?}"),
+            source: None,
+        });
+    }
+    Ok(())
+}
+
 /// A row's counters, as a limit in memory records them.
 fn stored_of(def: &Definition) -> Stored {
     // Truncated on purpose (see `Stored`).
@@ -339,9 +351,19 @@ pub(crate) struct Store {
 impl Store {
     /// Opens (or creates) the store at `path` for `state`, which must be empty.
     pub fn open(path: &Path, flush_interval: Duration, state: Arc<Engine>) -> Result<Store, Error> {
-        // Judge the file before anything is created beside it or written to it.
+        // Judge the file, rows included, before anything is created beside
+        // it or written to it.
         if schema::sniff(path)?.is_some_and(|len| len > 0) {
-            schema::inspect(&open_for_reading(path)?, path)?;
+            let reading = open_for_reading(path)?;
+            if let Found::Store { version } = schema::inspect(&reading, path)? {
+                if version == schema::VERSION {
+                    let rows = schema::load(&reading)
+                        .map_err(|e| storage_err(path, "cannot read limits", e))?;
+                    for (name, def, _) in &rows {
+                        check_row(path, name, def)?;
+                    }
+                }
+            }
         }
         let owner = owner::claim(path)?;
         let conn = Connection::open_with_flags(
@@ -459,14 +481,8 @@ impl Db {
         let wall = unix_now();
         let mut state = state.lock();
         for (name, def, slots) in rows {
+            check_row(&self.path, &name, &def)?;
             let config = config_of(&def);
-            if crate::config::validate_name(&name).is_err() || config.validate(&name).is_err() {
-                return Err(Error::Storage {
-                    path: self.path.display().to_string(),
-                    message: format!("limit {name:?} in the store is invalid: {def:?}"),
-                    source: None,
-                });
-            }
             if state.reg.lookup(&name).is_some() {
                 // The primary key forbids it: the file is damaged (a page
                 // copied over another does it) or its schema was edited.

@@ -195,6 +195,7 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Opti
            ORDER BY l.name"#,
     )?;
     let rows = stmt.query_map([], |r| {
+        let name: String = r.get(0)?;
         let def = Definition {
             limit: r.get(1)?,
             active: r.get(2)?,
@@ -202,20 +203,44 @@ pub fn load(conn: &Connection) -> rusqlite::Result<Vec<(String, Definition, Opti
             reset_count: r.get(4)?,
             incarnation: r.get(5)?,
         };
-        let slots = match r.get::<_, Option<i64>>(6)? {
+        // NULL: no slot row joined (the column is NOT NULL).
+        let slots = match slot_value::<Option<i64>>(r, 6, &name)? {
             None => None,
             Some(held) => Some(SlotRow {
                 held_slots: held.max(0) as u64,
-                decaying_slots: r.get(7)?,
-                decaying_at: r.get(8)?,
-                denied_slots: r.get::<_, i64>(9)?.max(0) as u64,
-                avg_slot_occupancy_seconds: r.get(10)?,
-                waiters: r.get::<_, i64>(11)?.max(0) as u64,
+                decaying_slots: slot_value(r, 7, &name)?,
+                decaying_at: slot_value(r, 8, &name)?,
+                denied_slots: slot_value::<i64>(r, 9, &name)?.max(0) as u64,
+                avg_slot_occupancy_seconds: slot_value(r, 10, &name)?,
+                waiters: slot_value::<i64>(r, 11, &name)?.max(0) as u64,
             }),
         };
-        Ok((r.get(0)?, def, slots))
+        Ok((name, def, slots))
     })?;
     rows.collect()
+}
+
+/// Column `idx` of a slot row; a value of the wrong type (a hand edit) is an
+/// error that names the limit, the column and the repair.
+fn slot_value<T: rusqlite::types::FromSql>(
+    r: &rusqlite::Row<'_>,
+    idx: usize,
+    name: &str,
+) -> rusqlite::Result<T> {
+    r.get(idx).map_err(|e| match e {
+        rusqlite::Error::InvalidColumnType(i, column, ty) => {
+            rusqlite::Error::FromSqlConversionFailure(
+                i,
+                ty,
+                format!(
+                    "limit {name:?}: slot_state.{column} holds {ty}, not a number \
+                     (`turnstile reset {name}` rewrites its slot state)"
+                )
+                .into(),
+            )
+        }
+        e => e,
+    })
 }
 
 /// Every definition, keyed by name (what the owner compares against to see
@@ -305,8 +330,15 @@ pub fn reset_definition(tx: &Connection, name: &str) -> rusqlite::Result<usize> 
         "UPDATE limits SET reset_count = reset_count + 1, revision = revision + 1 WHERE name = ?1",
         [name],
     )?;
+    // Also rewrites any value of its slot row that a hand edit made
+    // unreadable (text where a number belongs).
     tx.execute(
-        "UPDATE slot_state SET decaying_slots = 0, denied_slots = 0 WHERE name = ?1",
+        r#"UPDATE slot_state SET decaying_slots = 0, decaying_at = 0, denied_slots = 0,
+               held_slots = CASE typeof(held_slots) WHEN 'integer' THEN held_slots ELSE 0 END,
+               waiters = CASE typeof(waiters) WHEN 'integer' THEN waiters ELSE 0 END,
+               avg_slot_occupancy_seconds = CASE WHEN typeof(avg_slot_occupancy_seconds)
+                   IN ('real', 'integer') THEN avg_slot_occupancy_seconds ELSE 2.0 END
+           WHERE name = ?1"#,
         [name],
     )?;
     Ok(changed)
