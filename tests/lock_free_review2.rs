@@ -58,7 +58,10 @@ fn backdated_grant_run(limiter: &Limiter, name: &str, forget: bool) -> Option<bo
         .timeout(Duration::from_secs(20))
         .into_future());
     let mut cx = Context::from_waker(Waker::noop());
-    assert!(waiter.as_mut().poll(&mut cx).is_pending(), "2 slots decaying");
+    assert!(
+        waiter.as_mut().poll(&mut cx).is_pending(),
+        "2 slots decaying"
+    );
     if Instant::now() >= t0 + per_slot {
         return None; // it may have fitted at once
     }
@@ -227,7 +230,10 @@ fn fast_paths_agree_with_the_general_path() {
             } else if op < 11 {
                 what = format!("delete {name:?}");
                 for l in std::iter::once(&reference).chain(&fast) {
-                    results.push(format!("{:?}", l.delete_limit(name).map_err(|e| e.to_string())));
+                    results.push(format!(
+                        "{:?}",
+                        l.delete_limit(name).map_err(|e| e.to_string())
+                    ));
                 }
             } else if op < 17 {
                 let mut update = LimitUpdate::new();
@@ -339,5 +345,222 @@ fn fast_paths_agree_with_the_general_path() {
         for kind in ["taken", "refused", "error", "ok"] {
             assert!(seen.get(kind).is_some_and(|&n| n > 100), "{kind}: {seen:?}");
         }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Stress: the pace of a rate limit that concurrency acquisitions also use
+// ---------------------------------------------------------------------------
+
+/// Blocking rate-limit acquisitions (often late to run their own retry on
+/// 2 shared cores) and one-name concurrency tries on the same limit, which
+/// make it forget its drained decaying slots and go lock-free again. Every
+/// slot charged lies in the run, so a token bucket bounds what can have
+/// been admitted by any instant `e`: `capacity + rate * (e - start)`.
+/// Each admission is counted when its call returns, after its charge.
+fn pace_stress(tries: bool) {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    watchdog(WATCHDOG, move || {
+        // Fast decay, so that the limit often drains between bursts and a
+        // waiter a little late to run its own retry finds it drained.
+        const CAP: u32 = 2;
+        const RATE: f64 = 2000.0;
+        let limiter = Limiter::in_memory();
+        limiter
+            .create_limit("r", LimitConfig::new(CAP).slot_decay_per_second(RATE))
+            .unwrap();
+        let start = Instant::now();
+        let run_for = Duration::from_millis(1500);
+        let stop = Arc::new(AtomicBool::new(false));
+        // (call instant, return instant, slots), per admission.
+        let log = Arc::new(Mutex::new(Vec::<(Instant, Instant, u32)>::new()));
+        let mut handles = Vec::new();
+        for t in 0..3u32 {
+            let (limiter, stop, log) = (limiter.clone(), stop.clone(), log.clone());
+            handles.push(thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(SeqCst) {
+                    let occupy = 1 + (n + t) % 2;
+                    n += 1;
+                    let called = Instant::now();
+                    limiter
+                        .rate_limit("r", occupy)
+                        .timeout(Duration::from_secs(10))
+                        .acquire()
+                        .unwrap();
+                    log.lock().unwrap().push((called, Instant::now(), occupy));
+                    if n % 4 == 0 {
+                        thread::sleep(Duration::from_micros(u64::from(500 * (t + 1))));
+                    }
+                }
+            }));
+        }
+        let tries = {
+            let (limiter, stop) = (limiter.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut took = 0u64;
+                while tries && !stop.load(SeqCst) {
+                    if let Some(g) = limiter.concurrency("r", 1).try_acquire().unwrap() {
+                        took += 1;
+                        drop(g);
+                    }
+                    thread::yield_now();
+                }
+                took
+            })
+        };
+        while start.elapsed() < run_for {
+            thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, SeqCst);
+        for h in handles {
+            h.join().unwrap();
+        }
+        let took = tries.join().unwrap();
+        let mut log = log.lock().unwrap().clone();
+        log.sort();
+        // Every window [s, e]: the admissions called at or after `s` and
+        // returned by `e` were charged within it, and a token bucket lets
+        // at most `capacity + rate * (e - s)` slots be charged in a window.
+        let mut worst = f64::MIN;
+        let mut admitted = 0u64;
+        for (i, &(s, _, _)) in log.iter().enumerate() {
+            let mut inside: Vec<(Instant, u32)> = log[i..]
+                .iter()
+                .filter(|&&(_, ret, _)| ret <= s + Duration::from_millis(20))
+                .map(|&(_, ret, slots)| (ret, slots))
+                .collect();
+            inside.sort();
+            let mut sum = 0u64;
+            for (e, slots) in inside {
+                sum += u64::from(slots);
+                let bound = f64::from(CAP) + RATE * (e - s).as_secs_f64();
+                worst = worst.max(sum as f64 - bound);
+            }
+            admitted += u64::from(log[i].2);
+        }
+        println!(
+            "{} rate-limit admissions ({admitted} slots), {took} concurrency tries took; \
+             worst excess over the bucket in a window {worst:.3}",
+            log.len()
+        );
+        assert!(log.len() > 20, "too few admissions to judge");
+        assert!(
+            worst <= 1e-6,
+            "admitted {worst:.3} slots beyond capacity + rate * elapsed"
+        );
+    })
+}
+
+/// The reference: rate-limit acquisitions alone keep the pace.
+#[test]
+fn rate_limit_pace_holds() {
+    pace_stress(false);
+}
+
+/// With one-name concurrency tries on the same limit (each makes it forget
+/// its drained decaying slots). Fails about one run in fifteen here (up to
+/// 1.7 slots beyond the bucket), through the bug of
+/// `forget_drained_does_not_lose_decay_a_backdated_grant_owes`.
+#[test]
+#[ignore = "engine bug: forget_drained zeroes decaying slots that a late (backdated) rate-limit grant still owes (pace lost)"]
+fn rate_limit_pace_holds_under_concurrency_tries() {
+    pace_stress(true);
+}
+
+// ---------------------------------------------------------------------------
+// Stress: the nudge on a limit of one slot
+// ---------------------------------------------------------------------------
+
+/// Threads hand one slot down the line (each grant nudges the next in line
+/// to spin at the head), with short holds, a thread with short timeouts
+/// (which leave the line from the head or behind it) and tries. No
+/// over-admission (a shadow count), every blocking acquisition with a long
+/// timeout granted (a lost wake-up would time it out), every short one
+/// granted or timed out, and the limit empty and queue-free at the end.
+#[test]
+fn one_slot_hand_off_loses_no_wake_up() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+    use std::sync::Arc;
+    use turnstile::Error;
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("one", LimitConfig::new(1)).unwrap();
+        let shadow = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new([(); 4].map(|_| AtomicU64::new(0)));
+        let hold = |shadow: &AtomicU32, spin: u64| {
+            let now = shadow.fetch_add(1, SeqCst) + 1;
+            assert!(now <= 1, "{now} holders of a limit of 1");
+            for _ in 0..spin {
+                std::hint::spin_loop();
+            }
+            shadow.fetch_sub(1, SeqCst);
+        };
+        let mut handles = Vec::new();
+        for t in 0..6u64 {
+            let (limiter, shadow, stop, counts) = (
+                limiter.clone(),
+                shadow.clone(),
+                stop.clone(),
+                counts.clone(),
+            );
+            handles.push(thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let spin = (n * 37 + t * 11) % 300;
+                    match t {
+                        0..=3 => {
+                            let g = limiter
+                                .concurrency("one", 1)
+                                .timeout(Duration::from_secs(20))
+                                .acquire()
+                                .expect("a long wait never times out");
+                            hold(&shadow, spin);
+                            drop(g);
+                            counts[0].fetch_add(1, SeqCst);
+                        }
+                        4 => match limiter
+                            .concurrency("one", 1)
+                            .timeout(Duration::from_micros(spin * 5))
+                            .acquire()
+                        {
+                            Ok(g) => {
+                                hold(&shadow, spin);
+                                drop(g);
+                                counts[1].fetch_add(1, SeqCst);
+                            }
+                            Err(Error::Timeout { .. }) => {
+                                counts[2].fetch_add(1, SeqCst);
+                            }
+                            Err(e) => panic!("{e}"),
+                        },
+                        _ => {
+                            if let Some(g) = limiter.concurrency("one", 1).try_acquire().unwrap() {
+                                hold(&shadow, spin);
+                                drop(g);
+                                counts[3].fetch_add(1, SeqCst);
+                            }
+                            thread::yield_now();
+                        }
+                    }
+                }
+            }));
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(1500) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, SeqCst);
+        for h in handles {
+            h.join().unwrap();
+        }
+        let counts: Vec<u64> = counts.iter().map(|c| c.load(SeqCst)).collect();
+        println!("long waits granted, short granted, short timed out, tries took: {counts:?}");
+        assert!(counts[0] > 100, "{counts:?}");
+        let info = limiter.limit("one").unwrap();
+        assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
     })
 }
