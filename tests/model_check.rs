@@ -670,6 +670,48 @@ fn lock_free_reborn_average() {
     );
 }
 
+/// The nudge on a limit of one slot (the next in line is woken to spin at
+/// the head when its predecessor is granted) and the flag reset of the
+/// blocking loop that follows it: three threads queue behind a held slot,
+/// one of them with a short timeout, and the slot is handed down the line
+/// (lock-free whenever the limit is free). Every blocking waiter without a
+/// timeout must be granted (shuttle reports one parked forever as a
+/// deadlock), the one with a timeout granted or timed out, and never more
+/// than one slot held.
+fn nudge_handoff() {
+    let w = World::lock_free(&["a"], &[1], &[1]);
+    let held = w.limiter.concurrency("a", 1).try_acquire().expect("try");
+    let held = held.expect("free at the start");
+    w.shadow.lock().unwrap()[0] += 1;
+    let quiet = |w: &World| {
+        let g = w.limiter.concurrency("a", 1).acquire().expect("acquire");
+        hold_quietly(w, "a", g);
+    };
+    let h = vec![
+        spawn(&w, move |w| {
+            for _ in 0..2 {
+                quiet(&w);
+            }
+        }),
+        spawn(&w, move |w| quiet(&w)),
+        spawn(&w, |w| {
+            match w.limiter.concurrency("a", 1).timeout(SHORT).acquire() {
+                Ok(g) => {
+                    seen("nudge_handoff", "timed waiter granted");
+                    hold_quietly(&w, "a", g);
+                }
+                Err(Error::Timeout { .. }) => seen("nudge_handoff", "timed waiter timed out"),
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }),
+    ];
+    thread::yield_now();
+    w.shadow.lock().unwrap()[0] -= 1;
+    drop(held);
+    join_all(h);
+    w.settled();
+}
+
 /// `try_acquire` racing a release and a queued multi-limit waiter: it never
 /// takes what the waiter is owed beyond the limit, and the waiter gets through.
 fn try_races_release() {
@@ -755,4 +797,9 @@ fn model_limit_withdrawn() {
 #[test]
 fn model_try_races_release() {
     check("try_races_release", try_races_release);
+}
+
+#[test]
+fn model_nudge_handoff() {
+    check("nudge_handoff", nudge_handoff);
 }
