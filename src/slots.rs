@@ -156,12 +156,20 @@ impl Slots {
 
     /// Forgets decaying slots that have all drained by `now`, so that the
     /// limit no longer depends on the time (and may go lock-free again). The
-    /// time of the last take is kept: a take backdated to before `now`
-    /// counts from it as before.
+    /// last update moves to the instant they finished draining: a take
+    /// backdated to before it (a rate-limit waiter charged from its decay
+    /// instant) is charged from that instant, when nothing was left, rather
+    /// than from an empty bucket at an earlier time when some still was.
     pub fn forget_drained(&mut self, now: Instant) {
-        if self.has_decaying() && self.decaying(now) <= 0.0 {
-            self.decaying = 0.0;
+        if !self.has_decaying() || self.decaying(now) > 0.0 {
+            return;
         }
+        let drained_at = Duration::try_from_secs_f64(self.decaying / self.rate)
+            .ok()
+            .and_then(|d| self.at.checked_add(d))
+            .map_or(now, |t| t.min(now));
+        self.at = self.at.max(drained_at);
+        self.decaying = 0.0;
     }
 
     /// Changes the decay rate from `now` on; what drained before stays drained.
@@ -266,9 +274,13 @@ mod tests {
         s.take_decaying(1, t);
         s.forget_drained(t + secs(0.2));
         assert!(s.has_decaying(), "0.2 of a slot left");
-        s.forget_drained(t + secs(0.25));
+        s.forget_drained(t + secs(0.3));
         assert!(!s.has_decaying());
-        assert!(s.fits(0, 2, t));
+        assert!(s.fits(0, 2, t + secs(0.3)));
+        // A take backdated to before the slot drained counts from then.
+        s.take_decaying(2, t + secs(0.1));
+        let next = s.fits_at(0, 1, t + secs(0.3)).unwrap();
+        assert!((next - t).as_secs_f64() >= 0.5 - 1e-9, "{:?}", next - t);
     }
 
     #[test]
