@@ -225,12 +225,11 @@ impl State {
             decay_at: None,
             wake: wake(),
         };
-        let first = waiter
-            .ids
-            .iter()
-            .all(|id| self.reg.get(id.idx).is_some_and(|l| l.queue.is_empty()));
         let ticket = self.enqueue(waiter, now.get());
-        Ok(Begin::Queued { ticket, first })
+        Ok(Begin::Queued {
+            ticket,
+            first: self.at_head(ticket),
+        })
     }
 
     /// The fast path: one name, an existing active limit with room and
@@ -346,13 +345,23 @@ impl State {
             (Some(d), Some(at)) => Some(d.min(at)),
             (d, at) => d.or(at),
         };
-        let first = waiter.ids.iter().all(|id| {
-            self.reg
-                .get(id.idx)
-                .and_then(|l| l.queue.get(0))
-                .is_some_and(|q| q.ticket == ticket)
-        });
-        Look::Wait { at: wake_at, first }
+        Look::Wait {
+            at: wake_at,
+            first: self.at_head(ticket),
+        }
+    }
+
+    /// Whether a queued waiter is first in line on every limit it waits for.
+    fn at_head(&self, ticket: Ticket) -> bool {
+        self.waiters.get(&ticket).is_some_and(|waiter| {
+            matches!(waiter.status, Status::Queued)
+                && waiter.ids.iter().all(|id| {
+                    self.reg
+                        .get(id.idx)
+                        .and_then(|l| l.queue.get(0))
+                        .is_some_and(|q| q.ticket == ticket)
+                })
+        })
     }
 
     /// Replaces the waker of a queued async waiter.
