@@ -545,6 +545,15 @@ struct Watch {
     refusals: AtomicU64,
 }
 
+/// One count of x's slots: the bound (with its count of changes) read
+/// before and after the add, and the sum the add made.
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    before: u64,
+    sum: i64,
+    after: u64,
+}
+
 /// A guard and what it was counted in.
 struct Held {
     guard: ConcurrencyGuard,
@@ -553,29 +562,28 @@ struct Held {
 }
 
 impl Watch {
+    fn new() -> Watch {
+        Watch {
+            x_state: AtomicU64::new(0),
+            x_inc: AtomicU64::new(0),
+            x_in_use: (0..MAX_INCARNATIONS).map(|_| AtomicI64::new(0)).collect(),
+            x_bound: AtomicU64::new(u64::from(HI)),
+            checked_low: AtomicU64::new(0),
+            y_in_use: AtomicI64::new(0),
+            stop: AtomicBool::new(false),
+            grants: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+        }
+    }
+
     fn count_in(&self, guard: ConcurrencyGuard, names: &[&str], before: u64) -> Held {
         let occupy = i64::from(guard.occupy());
         let after = self.x_state.load(SeqCst);
         let x = (names.contains(&"x") && before == after && before & 1 == 0)
             .then(|| self.x_inc.load(SeqCst) as usize);
         if let Some(inc) = x {
-            // The sum after the add is compared with a bound in force at the
-            // instant of the add: one read before and after it, unchanged.
-            // (Reading the bound only after the add was this test's flaw: a
-            // guard had under HI and counted in just before a lowering could
-            // be checked against LO after the others drained, e.g. 3 > 2.)
-            let before = self.x_bound.load(SeqCst);
-            let now = self.x_in_use[inc].fetch_add(occupy, SeqCst) + occupy;
-            if self.x_bound.load(SeqCst) == before {
-                let bound = before as u32;
-                if bound == LO {
-                    self.checked_low.fetch_add(1, SeqCst);
-                }
-                assert!(
-                    now <= i64::from(bound),
-                    "x (incarnation {inc}): {now} slots held by counted guards, bound {bound}"
-                );
-            }
+            let counted = self.add_x(inc, occupy);
+            self.judge_x(inc, counted);
         }
         let y = names.contains(&"y");
         if y {
@@ -587,6 +595,34 @@ impl Watch {
         }
         self.grants.fetch_add(1, SeqCst);
         Held { guard, x, y }
+    }
+
+    /// Counts `occupy` slots of x's incarnation `inc` in, between two reads
+    /// of the bound.
+    fn add_x(&self, inc: usize, occupy: i64) -> Counted {
+        let before = self.x_bound.load(SeqCst);
+        let sum = self.x_in_use[inc].fetch_add(occupy, SeqCst) + occupy;
+        let after = self.x_bound.load(SeqCst);
+        Counted { before, sum, after }
+    }
+
+    /// Checks a count against the bound, if one bound was in force
+    /// throughout it. Reading the bound only after the add was this test's
+    /// flaw, which had it ignored as flaky (issue 12): see
+    /// `a_sum_counted_under_hi_is_not_judged_against_lo`.
+    fn judge_x(&self, inc: usize, counted: Counted) {
+        let Counted { before, sum, after } = counted;
+        if before != after {
+            return;
+        }
+        let bound = before as u32;
+        if bound == LO {
+            self.checked_low.fetch_add(1, SeqCst);
+        }
+        assert!(
+            sum <= i64::from(bound),
+            "x (incarnation {inc}): {sum} slots held by counted guards, bound {bound}"
+        );
     }
 
     /// Puts a new bound in force, with a new count of changes.
@@ -744,17 +780,7 @@ fn stress_lock_free_against_everything_that_claims() {
         let limiter = Limiter::in_memory();
         limiter.create_limit("x", LimitConfig::new(HI)).unwrap();
         limiter.create_limit("y", LimitConfig::new(Y_CAP)).unwrap();
-        let watch = Arc::new(Watch {
-            x_state: AtomicU64::new(0),
-            x_inc: AtomicU64::new(0),
-            x_in_use: (0..MAX_INCARNATIONS).map(|_| AtomicI64::new(0)).collect(),
-            x_bound: AtomicU64::new(u64::from(HI)),
-            checked_low: AtomicU64::new(0),
-            y_in_use: AtomicI64::new(0),
-            stop: AtomicBool::new(false),
-            grants: AtomicU64::new(0),
-            refusals: AtomicU64::new(0),
-        });
+        let watch = Arc::new(Watch::new());
         let workers: Vec<_> = (0..4)
             .map(|i| {
                 let (limiter, watch) = (limiter.clone(), watch.clone());
@@ -793,4 +819,55 @@ fn stress_lock_free_against_everything_that_claims() {
             done[0]
         );
     });
+}
+
+/// Issue 12, item 1: the interleaving that had the stress above report an
+/// over-admission ("3 slots held by counted guards, bound 2") and be ignored
+/// as flaky, replayed step by step on one thread. The engine never held more
+/// than x's limit; the report came from the check, which compared a sum made
+/// under HI with the bound LO read after it.
+#[test]
+fn a_sum_counted_under_hi_is_not_judged_against_lo() {
+    let limiter = Limiter::in_memory();
+    limiter.create_limit("x", LimitConfig::new(HI)).unwrap();
+    let watch = Watch::new();
+    // Worker B holds 2 slots, counted in.
+    let b = take(&limiter, "x", 2);
+    watch.judge_x(0, watch.add_x(0, 2));
+    // Worker A takes the other 2 under HI and adds them: the sum is 4, and
+    // A is preempted before it reads the bound again.
+    let a = take(&limiter, "x", 2);
+    let before = watch.x_bound.load(SeqCst);
+    let sum = watch.x_in_use[0].fetch_add(2, SeqCst) + 2;
+    // The controller lowers x; B counts out and drops; held drains to 2 (A's
+    // own slots) and the controller puts LO in force.
+    limiter
+        .update_limit("x", LimitUpdate::new().limit(LO))
+        .unwrap();
+    watch.x_in_use[0].fetch_sub(2, SeqCst);
+    drop(b);
+    assert_eq!(held(&limiter, "x"), LO);
+    watch.set_bound(LO);
+    // A resumes. The old check read the bound only now, and failed:
+    let bound_read_late = watch.x_bound.load(SeqCst) as u32;
+    assert!(
+        sum > i64::from(bound_read_late),
+        "the old check's false alarm"
+    );
+    // while the engine was within the limit all along: x is full at LO.
+    refused(&limiter, "x", 1);
+    assert_eq!(watch.x_in_use[0].load(SeqCst), i64::from(LO));
+    // The check now sees that the bound changed across the add, and leaves
+    // this sum unjudged; a sum counted wholly under LO is judged.
+    let after = watch.x_bound.load(SeqCst);
+    watch.judge_x(0, Counted { before, sum, after });
+    watch.x_in_use[0].fetch_sub(2, SeqCst);
+    drop(a);
+    let c = take(&limiter, "x", 2);
+    watch.judge_x(0, watch.add_x(0, 2));
+    assert_eq!(watch.checked_low.load(SeqCst), 1);
+    let over = watch.add_x(0, 1);
+    let judged = std::panic::catch_unwind(|| watch.judge_x(0, over));
+    assert!(judged.is_err(), "3 slots under LO must be reported");
+    drop(c);
 }
