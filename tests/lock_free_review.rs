@@ -17,9 +17,10 @@
 
 mod common;
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -543,6 +544,8 @@ struct Watch {
     stop: AtomicBool,
     grants: AtomicU64,
     refusals: AtomicU64,
+    /// Async acquisitions dropped while queued.
+    cancellations: AtomicU64,
 }
 
 /// One count of x's slots: the bound (with its count of changes) read
@@ -573,6 +576,7 @@ impl Watch {
             stop: AtomicBool::new(false),
             grants: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
+            cancellations: AtomicU64::new(0),
         }
     }
 
@@ -656,6 +660,17 @@ fn worker(limiter: Limiter, watch: Arc<Watch>, seed: u64) {
         };
         let before = watch.x_state.load(SeqCst);
         let acq = limiter.concurrency(names, occupy).create_if_missing(false);
+        if rng.chance(5) {
+            // Decaying slots on x, when it decays: they share its capacity.
+            match limiter
+                .rate_limit("x", 1)
+                .create_if_missing(false)
+                .try_acquire()
+            {
+                Ok(_) | Err(Error::NoSlotDecay { .. }) => {}
+                Err(e) => panic!("rate limit of x: {e:?}"),
+            }
+        }
         let got = if rng.chance(60) {
             acq.try_acquire()
         } else {
@@ -664,7 +679,23 @@ fn worker(limiter: Limiter, watch: Arc<Watch>, seed: u64) {
                 watch.count_out(held);
             }
             // Holds are short: a wait this long is a lost wake-up.
-            acq.timeout(Duration::from_secs(10)).acquire().map(Some)
+            let acq = acq.timeout(Duration::from_secs(10));
+            if rng.chance(50) {
+                acq.acquire().map(Some)
+            } else {
+                // Async: polled once, and if pending, dropped (cancelled)
+                // half the time, else awaited.
+                let mut fut = std::pin::pin!(acq.into_future());
+                let mut cx = Context::from_waker(Waker::noop());
+                match fut.as_mut().poll(&mut cx) {
+                    Poll::Ready(got) => got.map(Some),
+                    Poll::Pending if rng.chance(50) => {
+                        watch.cancellations.fetch_add(1, SeqCst);
+                        continue;
+                    }
+                    Poll::Pending => futures::executor::block_on(fut).map(Some),
+                }
+            }
         };
         match got {
             Ok(Some(guard)) => kept.push(watch.count_in(guard, names, before)),
@@ -686,13 +717,14 @@ fn worker(limiter: Limiter, watch: Arc<Watch>, seed: u64) {
     }
 }
 
-fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration) -> [u64; 5] {
-    let mut done = [0u64; 5];
-    // `LOCK_FREE_OPS` (digits 0-4) narrows the controller to some of its
+fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration) -> [u64; 6] {
+    let mut done = [0u64; 6];
+    let mut decays = false;
+    // `LOCK_FREE_OPS` (digits 0-5) narrows the controller to some of its
     // operations, to find which of them a failure needs.
     let ops: Vec<usize> = std::env::var("LOCK_FREE_OPS")
         .map(|s| s.bytes().map(|b| usize::from(b - b'0')).collect())
-        .unwrap_or_else(|_| (0..5).collect());
+        .unwrap_or_else(|_| (0..6).collect());
     let start = Instant::now();
     let mut inc: u64 = 0;
     let mut seq: u64 = 0;
@@ -750,8 +782,17 @@ fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration
                     assert!(info.held_slots <= cap, "{info:?}");
                 }
             }
-            _ => {
+            4 => {
                 limiter.reset_limit("x").unwrap();
+            }
+            _ => {
+                // Decay on and off: the rate-limit tries then take
+                // decaying slots of x, which share its capacity.
+                decays = !decays;
+                let rate = if decays { 2000.0 } else { 0.0 };
+                limiter
+                    .update_limit("x", LimitUpdate::new().slot_decay_per_second(rate))
+                    .unwrap();
             }
         }
         done[op] += 1;
@@ -760,10 +801,12 @@ fn controller(limiter: &Limiter, watch: &Watch, rng: &mut Rng, run_for: Duration
     done
 }
 
-/// Four workers (one-name tries and blocking acquisitions of x and y, and
-/// of both at once) against a controller that lowers and raises x, turns
-/// it off and on, deletes and re-creates it, resets it and snapshots every
-/// limit. `LOCK_FREE_SEED` repeats a run.
+/// Four workers (one-name tries, blocking and async acquisitions of x and
+/// y and of both at once, async ones cancelled while queued, and rate-limit
+/// tries of x) against a controller that lowers and raises x, turns it off
+/// and on, deletes and re-creates it, resets it, turns its decay on and off
+/// and snapshots every limit. `LOCK_FREE_SEED` repeats a run;
+/// `LOCK_FREE_STRESS_SECS` makes it longer.
 #[test]
 fn stress_lock_free_against_everything_that_claims() {
     let seed = seed_from_env("LOCK_FREE_SEED");
@@ -793,6 +836,11 @@ fn stress_lock_free_against_everything_that_claims() {
         for w in workers {
             w.join().expect("a worker failed");
         }
+        // Decaying slots left by the rate-limit tries, if x decays now.
+        limiter
+            .update_limit("x", LimitUpdate::new().slot_decay_per_second(0.0))
+            .unwrap();
+        limiter.reset_limit("x").unwrap();
         for name in ["x", "y"] {
             let info = limiter.limit(name).unwrap();
             assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
@@ -807,10 +855,11 @@ fn stress_lock_free_against_everything_that_claims() {
         assert!(format!("{limiter:?}").contains("waiters: 0"));
         let checked_low = watch.checked_low.load(SeqCst);
         eprintln!(
-            "stress: {} grants ({checked_low} checked against the lowered bound), {} refusals; \
-             controller lower/off-on/recreate/snapshot/reset {:?}",
+            "stress: {} grants ({checked_low} checked against the lowered bound), {} refusals, \
+             {} async cancellations; controller lower/off-on/recreate/snapshot/reset/decay {:?}",
             watch.grants.load(SeqCst),
             watch.refusals.load(SeqCst),
+            watch.cancellations.load(SeqCst),
             done
         );
         assert!(
