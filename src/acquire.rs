@@ -346,6 +346,11 @@ impl<'a> Acquire<'a> {
     /// `occupy` while waiting), [`Error::InvalidOccupy`], [`Error::InvalidName`],
     /// [`Error::NotFound`] with `strict`.
     pub fn acquire(self) -> Result<ConcurrencyGuard, Error> {
+        #[cfg(feature = "postgres")]
+        if self.limiter.shared.remote.is_some() {
+            return remote::concurrency(&self.limiter.shared, &self.spec, false)
+                .map(|g| g.expect("blocking"));
+        }
         if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
             return Ok(self.fast_guard(id));
         }
@@ -361,6 +366,10 @@ impl<'a> Acquire<'a> {
     ///
     /// As [`Acquire::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<Option<ConcurrencyGuard>, Error> {
+        #[cfg(feature = "postgres")]
+        if self.limiter.shared.remote.is_some() {
+            return remote::concurrency(&self.limiter.shared, &self.spec, true);
+        }
         if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
             return Ok(Some(self.fast_guard(id)));
         }
@@ -395,7 +404,12 @@ impl<'a> IntoFuture for Acquire<'a> {
     type IntoFuture = AcquireFuture;
 
     fn into_future(self) -> AcquireFuture {
-        AcquireFuture(Waiting::new(&self.limiter.shared, self.spec))
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.limiter.shared.remote {
+            let wait = remote::wait(remote, &self.spec, false);
+            return AcquireFuture(Fut::Remote(self.limiter.shared.clone(), wait));
+        }
+        AcquireFuture(Fut::Local(Waiting::new(&self.limiter.shared, self.spec)))
     }
 }
 
@@ -434,6 +448,10 @@ impl<'a> RateLimit<'a> {
     /// whose `slot_decay_per_second` is 0.
     pub fn acquire(self) -> Result<(), Error> {
         let shared = &self.limiter.shared;
+        #[cfg(feature = "postgres")]
+        if shared.remote.is_some() {
+            return remote::rate(shared, &self.spec, false).map(|_| ());
+        }
         if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
             return Ok(());
         }
@@ -449,6 +467,10 @@ impl<'a> RateLimit<'a> {
     /// As [`RateLimit::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<bool, Error> {
         let shared = &self.limiter.shared;
+        #[cfg(feature = "postgres")]
+        if shared.remote.is_some() {
+            return remote::rate(shared, &self.spec, true);
+        }
         if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
             return Ok(true);
         }
@@ -477,7 +499,12 @@ impl<'a> IntoFuture for RateLimit<'a> {
     type IntoFuture = RateLimitFuture;
 
     fn into_future(self) -> RateLimitFuture {
-        RateLimitFuture(Waiting::new(&self.limiter.shared, self.spec))
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.limiter.shared.remote {
+            let wait = remote::wait(remote, &self.spec, true);
+            return RateLimitFuture(Fut::Remote(self.limiter.shared.clone(), wait));
+        }
+        RateLimitFuture(Fut::Local(Waiting::new(&self.limiter.shared, self.spec)))
     }
 }
 
@@ -486,19 +513,34 @@ impl<'a> IntoFuture for RateLimit<'a> {
 /// Works under any executor; timeouts and decay waits use turnstile's own
 /// timer thread. Dropping it gives back anything it took.
 #[must_use = "futures do nothing unless polled"]
-pub struct AcquireFuture(Waiting);
+pub struct AcquireFuture(Fut);
 
 /// The future of [`RateLimit`]'s `.await`.
 ///
 /// Works under any executor; dropping it gives back anything it took.
 #[must_use = "futures do nothing unless polled"]
-pub struct RateLimitFuture(Waiting);
+pub struct RateLimitFuture(Fut);
+
+/// The engine a future waits on.
+enum Fut {
+    Local(Waiting),
+    #[cfg(feature = "postgres")]
+    Remote(Arc<Shared>, crate::postgres::acquire::RemoteWait),
+}
 
 impl Future for AcquireFuture {
     type Output = Result<ConcurrencyGuard, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = &mut self.get_mut().0;
+        let waiting = match &mut self.get_mut().0 {
+            Fut::Local(waiting) => waiting,
+            #[cfg(feature = "postgres")]
+            Fut::Remote(shared, wait) => {
+                return Pin::new(&mut *wait)
+                    .poll(cx)
+                    .map(|grant| Ok(remote::guard(shared, grant?, wait.ask())));
+            }
+        };
         waiting.poll(cx).map(|taken| {
             let taken = taken?;
             let shared = waiting.shared.clone();
@@ -516,7 +558,16 @@ impl Future for RateLimitFuture {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = &mut self.get_mut().0;
+        let waiting = match &mut self.get_mut().0 {
+            Fut::Local(waiting) => waiting,
+            #[cfg(feature = "postgres")]
+            Fut::Remote(shared, wait) => {
+                return Pin::new(&mut *wait).poll(cx).map(|grant| {
+                    remote::rate_acquired(shared, &grant?, wait.ask());
+                    Ok(())
+                });
+            }
+        };
         waiting.poll(cx).map(|taken| {
             acquired(
                 &waiting.shared,
@@ -529,19 +580,25 @@ impl Future for RateLimitFuture {
     }
 }
 
+impl fmt::Debug for Fut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fut::Local(waiting) => f.debug_tuple("Local").field(&waiting.ticket).finish(),
+            #[cfg(feature = "postgres")]
+            Fut::Remote(..) => f.write_str("Shared"),
+        }
+    }
+}
+
 impl fmt::Debug for AcquireFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("AcquireFuture")
-            .field(&self.0.ticket)
-            .finish()
+        f.debug_tuple("AcquireFuture").field(&self.0).finish()
     }
 }
 
 impl fmt::Debug for RateLimitFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RateLimitFuture")
-            .field(&self.0.ticket)
-            .finish()
+        f.debug_tuple("RateLimitFuture").field(&self.0).finish()
     }
 }
 
@@ -667,5 +724,96 @@ impl Drop for Waiting {
                 .abandon(ticket, Instant::now(), &mut wakes);
             deliver(wakes);
         }
+    }
+}
+
+/// The builders' way to shared limits on PostgreSQL.
+#[cfg(feature = "postgres")]
+mod remote {
+    use std::sync::Arc;
+
+    use super::Spec;
+    use crate::event::Event;
+    use crate::guard::ConcurrencyGuard;
+    use crate::limiter::Shared;
+    use crate::postgres::acquire::{Ask, Grant, RemoteWait};
+    use crate::postgres::guard::Hold;
+    use crate::postgres::Remote;
+    use crate::waiters::Kind;
+    use crate::Error;
+
+    fn ask(spec: &Spec<'_>) -> Ask {
+        let mut names: Vec<String> = Vec::new();
+        for name in spec.names.iter() {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        Ask {
+            names,
+            occupy: spec.occupy,
+            rate: spec.kind == Kind::RateLimit,
+            strict: spec.opts.strict,
+            create: spec.opts.create_if_missing,
+            max_retries: spec.opts.max_retries,
+            timeout: spec.opts.timeout,
+        }
+    }
+
+    fn remote(shared: &Shared) -> &Arc<Remote> {
+        shared.remote.as_ref().expect("a shared limiter")
+    }
+
+    /// A guard for a grant, told to the observer.
+    pub(super) fn guard(shared: &Arc<Shared>, grant: Grant, ask: &Ask) -> ConcurrencyGuard {
+        if grant.hold != 0 {
+            shared.emit(|| Event::Acquired {
+                names: ask.names.clone(),
+                occupy: ask.occupy,
+                waited: grant.waited,
+                rate_limit: false,
+            });
+        }
+        let hold = Hold {
+            client: grant.client,
+            hold: grant.hold,
+            lost: grant.lost,
+            names: ask.names.clone(),
+        };
+        ConcurrencyGuard::remote(shared.clone(), ask.occupy, hold)
+    }
+
+    pub(super) fn rate_acquired(shared: &Shared, grant: &Grant, ask: &Ask) {
+        shared.emit(|| Event::Acquired {
+            names: ask.names.clone(),
+            occupy: ask.occupy,
+            waited: grant.waited,
+            rate_limit: true,
+        });
+    }
+
+    pub(super) fn concurrency(
+        shared: &Arc<Shared>,
+        spec: &Spec<'_>,
+        try_only: bool,
+    ) -> Result<Option<ConcurrencyGuard>, Error> {
+        let ask = ask(spec);
+        let grant = remote(shared).inner.acquire(&ask, try_only)?;
+        Ok(grant.map(|g| guard(shared, g, &ask)))
+    }
+
+    pub(super) fn rate(shared: &Shared, spec: &Spec<'_>, try_only: bool) -> Result<bool, Error> {
+        let ask = ask(spec);
+        match remote(shared).inner.acquire(&ask, try_only)? {
+            Some(grant) => {
+                rate_acquired(shared, &grant, &ask);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    pub(super) fn wait(remote: &Arc<Remote>, spec: &Spec<'_>, _rate: bool) -> RemoteWait {
+        RemoteWait::new(remote.clone(), ask(spec))
     }
 }

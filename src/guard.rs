@@ -23,6 +23,9 @@ pub struct ConcurrencyGuard {
     /// occupancy average (floored at 0.1 s per slot) and `release`'s answer.
     acquired_at: Stamp,
     released: bool,
+    /// A hold on the PostgreSQL server, for shared limits.
+    #[cfg(feature = "postgres")]
+    remote: Option<crate::postgres::guard::Hold>,
 }
 
 impl ConcurrencyGuard {
@@ -34,12 +37,63 @@ impl ConcurrencyGuard {
             occupy,
             acquired_at: Stamp::now(),
             released: false,
+            #[cfg(feature = "postgres")]
+            remote: None,
         }
     }
 
-    /// Gives the slots back now and returns how long they were held.
+    /// A guard of a hold on the PostgreSQL server.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn remote(
+        shared: Arc<Shared>,
+        occupy: u32,
+        hold: crate::postgres::guard::Hold,
+    ) -> Self {
+        let mut guard = ConcurrencyGuard::new(shared, Ids::new(), occupy);
+        guard.remote = Some(hold);
+        guard
+    }
+
+    /// Whether the guard's slots may be someone else's now: its limiter's
+    /// lease on the database of shared limits expired (its process was cut
+    /// off for longer than the lease) and the server gave them to others.
+    /// Always `false` in one process.
+    pub fn is_lost(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if let (Some(hold), Some(remote)) = (&self.remote, &self.shared.remote) {
+            return hold.is_lost(&remote.inner);
+        }
+        false
+    }
+
+    /// Gives the slots back now and returns how long they were held. For
+    /// shared limits, returns once the slots are back on the server.
     pub fn release(mut self) -> Duration {
+        #[cfg(feature = "postgres")]
+        if self.remote.is_some() {
+            return self.give_back_remote(true);
+        }
         self.give_back()
+    }
+
+    /// Gives a shared hold back: now (`wait`), or sent in the background.
+    #[cfg(feature = "postgres")]
+    fn give_back_remote(&mut self, wait: bool) -> Duration {
+        if std::mem::replace(&mut self.released, true) {
+            return Duration::ZERO;
+        }
+        let held = self.held_for();
+        let (Some(hold), Some(remote)) = (self.remote.take(), self.shared.remote.clone()) else {
+            return held;
+        };
+        if let Some(names) = hold.give_back(&remote.inner, wait) {
+            self.shared.emit(|| Event::Released {
+                names,
+                occupy: self.occupy,
+                held,
+            });
+        }
+        held
     }
 
     /// Slots held on each limit.
@@ -102,6 +156,11 @@ impl ConcurrencyGuard {
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
+        #[cfg(feature = "postgres")]
+        if self.remote.is_some() {
+            self.give_back_remote(false);
+            return;
+        }
         self.give_back();
     }
 }
