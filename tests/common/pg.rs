@@ -157,6 +157,25 @@ fn has_server_binaries(dir: &Path) -> bool {
         .all(|b| dir.join(b).is_file())
 }
 
+/// One cluster for the whole test binary (each test takes a namespace of
+/// its own), stopped once the process exits; `None` (skipped, or a panic
+/// under CI) as [`cluster_or_skip`].
+pub fn shared_cluster_or_skip(test: &str) -> Option<&'static Cluster> {
+    static SHARED: std::sync::OnceLock<Result<Cluster, String>> = std::sync::OnceLock::new();
+    let started = SHARED.get_or_init(|| {
+        let cluster = Cluster::start()?;
+        cluster.stop_when_this_process_exits()?;
+        Ok(cluster)
+    });
+    match started {
+        Ok(cluster) => Some(cluster),
+        Err(why) => {
+            skip_or_fail(test, why);
+            None
+        }
+    }
+}
+
 /// A cluster for `test`, or `None` after printing `SKIPPED <test>: <why>`
 /// when PostgreSQL is missing or does not start. Panics instead of skipping
 /// when `CI` is set (non-empty).
@@ -164,18 +183,23 @@ pub fn cluster_or_skip(test: &str) -> Option<Cluster> {
     cluster_or_skip_with(test, &[])
 }
 
+/// Skips `test` (printing why), or panics under CI.
+fn skip_or_fail(test: &str, why: &str) {
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!(
+            "{test}: needs PostgreSQL and CI is set, so it may not be skipped: {why}\n\
+             (install PostgreSQL, or point {PG_BIN_ENV} at its bin directory)"
+        );
+    }
+    eprintln!("SKIPPED {test}: {why} (this test checked nothing)");
+}
+
 /// [`cluster_or_skip`] with extra settings, as [`Cluster::start_with`].
 pub fn cluster_or_skip_with(test: &str, settings: &[(&str, &str)]) -> Option<Cluster> {
     match Cluster::start_with(settings) {
         Ok(cluster) => Some(cluster),
         Err(why) => {
-            if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-                panic!(
-                    "{test}: needs PostgreSQL and CI is set, so it may not be skipped: {why}\n\
-                     (install PostgreSQL, or point {PG_BIN_ENV} at its bin directory)"
-                );
-            }
-            eprintln!("SKIPPED {test}: {why} (this test checked nothing)");
+            skip_or_fail(test, &why);
             None
         }
     }
@@ -387,6 +411,51 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+
+    /// Stops the server and removes its directory once this process has
+    /// exited, however it exits: for a cluster kept in a `static` for a
+    /// whole test binary (whose `Drop` never runs). A detached shell waits
+    /// for this process to end, then does what `Drop` would.
+    pub fn stop_when_this_process_exits(&self) -> Result<(), String> {
+        let data = self.data.to_string_lossy().into_owned();
+        let pg_ctl = self.bin.join("pg_ctl").to_string_lossy().into_owned();
+        let stop = [
+            pg_ctl.as_str(),
+            "stop",
+            "-m",
+            "immediate",
+            "-w",
+            "-D",
+            &data,
+        ]
+        .map(quote_sh)
+        .join(" ");
+        let stop = if self.as_postgres {
+            match find_runuser() {
+                Some(runuser) => format!(
+                    "{} -u postgres -- {stop}",
+                    quote_sh(&runuser.to_string_lossy())
+                ),
+                None => format!("su postgres -s /bin/sh -c {}", quote_sh(&stop)),
+            }
+        } else {
+            stop
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {stop} >/dev/null 2>&1; rm -rf {root}",
+            pid = std::process::id(),
+            root = quote_sh(&self.root.to_string_lossy()),
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(&self.root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(drop)
+            .map_err(|e| format!("cannot start the cluster's watcher: {e}"))
     }
 
     fn log_path(&self) -> PathBuf {
