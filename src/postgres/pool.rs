@@ -30,6 +30,8 @@ struct State {
 pub(crate) enum Failure {
     Db(postgres::Error),
     Refused(String),
+    /// No answer by the deadline.
+    TimedOut,
 }
 
 impl Failure {
@@ -50,6 +52,12 @@ impl Failure {
                 storage_error(target, ns, &message, Some(e))
             }
             Failure::Refused(m) => storage_error(target, ns, &m, None),
+            Failure::TimedOut => storage_error(
+                target,
+                ns,
+                "no answer from the server within 10 s (is it PostgreSQL?)",
+                None,
+            ),
         }
     }
 }
@@ -133,6 +141,25 @@ impl Pool {
         self.config.connect(NoTls)
     }
 
+    /// Opens a connection, giving up at `deadline` even if the server
+    /// accepts and never answers (the client's connect timeout covers only
+    /// the socket): the attempt runs on a thread of its own, left to end
+    /// when the server or the operating system gives up.
+    fn connect_within(&self, deadline: Instant) -> Result<Client, Failure> {
+        let config = self.config.clone();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name("turnstile-pg-connect".into())
+            .spawn(move || {
+                let _ = tx.send(config.connect(NoTls));
+            })
+            .map_err(|e| Failure::Refused(format!("cannot start a thread: {e}")))?;
+        match rx.recv_deadline(deadline) {
+            Ok(result) => result.map_err(Failure::Db),
+            Err(_) => Err(Failure::TimedOut),
+        }
+    }
+
     fn take(&self) -> Result<Client, postgres::Error> {
         let mut state = self.state.lock();
         loop {
@@ -187,14 +214,24 @@ impl Pool {
     ) -> Result<T, Failure> {
         let mut pause = Duration::from_millis(20);
         loop {
-            let result = match self.take() {
+            let idle = self.state.lock().idle.pop();
+            let client = match idle {
+                Some(client) => Ok(client),
+                None => {
+                    self.state.lock().open += 1;
+                    self.connect_within(deadline).inspect_err(|_| {
+                        self.state.lock().open -= 1;
+                    })
+                }
+            };
+            let result = match client {
                 Ok(mut client) => {
                     let result = f(&mut client);
                     let broken = matches!(&result, Err(Failure::Db(e)) if transient(e));
                     self.give(client, broken);
                     result
                 }
-                Err(e) => Err(Failure::Db(e)),
+                Err(e) => Err(e),
             };
             match result {
                 Err(Failure::Db(e)) if transient(&e) => {
