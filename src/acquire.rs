@@ -138,12 +138,15 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     let woken: OnceCell<Arc<AtomicBool>> = OnceCell::new();
     let wake = || Wake::Thread(thread::current(), woken.get_or_init(Arc::default).clone());
     let begin = loop {
+        let mut wakes = Wakes::new();
         let begin = shared.state.lock().begin(
             &spec.request(),
             &mut clock,
             queue.then_some(&wake as &dyn Fn() -> Wake),
-        )?;
-        match begin {
+            &mut wakes,
+        );
+        deliver(wakes);
+        match begin? {
             Begin::Create(names) => shared.create_missing(&names)?,
             begin => break begin,
         }
@@ -584,11 +587,14 @@ impl Waiting {
                 let waker = cx.waker();
                 let wake = || Wake::Task(waker.clone());
                 let begin = loop {
+                    let mut wakes = Wakes::new();
                     let begin = self.shared.state.lock().begin(
                         &self.spec.request(),
                         &mut LazyNow::at(now),
                         self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
+                        &mut wakes,
                     );
+                    deliver(wakes);
                     match begin {
                         // Rare (a missing name with a store): a short
                         // blocking commit inside poll.
@@ -622,7 +628,7 @@ impl Waiting {
         let mut wakes = Wakes::new();
         let look = {
             let mut state = self.shared.state.lock();
-            state.set_waker(ticket, cx.waker());
+            state.set_waker(ticket, cx.waker(), &mut wakes);
             state.look(ticket, now, start, deadline, &mut wakes)
         };
         deliver(wakes);

@@ -113,12 +113,14 @@ pub(crate) type EventNames = SmallVec<[Arc<str>; 4]>;
 impl State {
     /// The first attempt of an acquisition: validates it, creates missing
     /// limits if asked to, and takes the slots if they fit now. If they do not,
-    /// queues it when `wake` is given.
+    /// queues it when `wake` is given. `wakes` must be delivered once the lock
+    /// is released.
     pub fn begin(
         &mut self,
         req: &Request<'_, '_>,
         now: &mut LazyNow,
         wake: Option<&dyn Fn() -> Wake>,
+        wakes: &mut Wakes,
     ) -> Result<Begin, Error> {
         if req.occupy == 0 {
             return Err(Error::InvalidOccupy { occupy: 0 });
@@ -225,7 +227,7 @@ impl State {
             decay_at: None,
             wake: wake(),
         };
-        let ticket = self.enqueue(waiter, now.get());
+        let ticket = self.enqueue(waiter, now.get(), wakes);
         Ok(Begin::Queued {
             ticket,
             first: self.at_head(ticket),
@@ -315,10 +317,12 @@ impl State {
             match waiter.status {
                 Status::Granted => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
+                    wakes.bury(waiter.wake);
                     return Look::Done(Ok(waiter.ids));
                 }
                 Status::Failed(_) => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
+                    wakes.bury(waiter.wake);
                     let Status::Failed(err) = waiter.status else {
                         unreachable!()
                     };
@@ -364,12 +368,18 @@ impl State {
         })
     }
 
-    /// Replaces the waker of a queued async waiter.
-    pub fn set_waker(&mut self, ticket: Ticket, waker: &std::task::Waker) {
+    /// Replaces the waker of a queued async waiter. The old one is buried in
+    /// `wakes`: it may be the last clone of its task's waker, and dropping it
+    /// may drop a guard, which takes this lock (tokio's "second iteration
+    /// shouldn't deadlock").
+    pub fn set_waker(&mut self, ticket: Ticket, waker: &std::task::Waker, wakes: &mut Wakes) {
         if let Some(waiter) = self.waiters.get_mut(&ticket) {
             match &waiter.wake {
                 Wake::Task(w) if w.will_wake(waker) => {}
-                _ => waiter.wake = Wake::Task(waker.clone()),
+                _ => wakes.bury(std::mem::replace(
+                    &mut waiter.wake,
+                    Wake::Task(waker.clone()),
+                )),
             }
         }
     }
@@ -383,10 +393,12 @@ impl State {
         match waiter.status {
             Status::Queued => self.withdraw(ticket, now, wakes),
             Status::Failed(_) => {
-                self.waiters.remove(&ticket);
+                let waiter = self.waiters.remove(&ticket).expect("present");
+                wakes.bury(waiter.wake);
             }
             Status::Granted => {
                 let waiter = self.waiters.remove(&ticket).expect("present");
+                wakes.bury(waiter.wake);
                 let mut dirty = Dirty::new();
                 for id in &waiter.ids {
                     let Some(limit) = self.reg.resolve_mut(*id) else {

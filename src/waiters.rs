@@ -66,8 +66,53 @@ impl Wake {
     }
 }
 
-/// Wake-ups to deliver once the state lock is released.
-pub(crate) type Wakes = SmallVec<[Wake; 2]>;
+/// Wake-ups to deliver, and wakers to drop, once the state lock is released
+/// (see [`crate::limiter::deliver`]).
+///
+/// A waker is user code: waking it may run its task, and dropping the last
+/// clone of it drops whatever the task owns, such as a guard whose release
+/// takes the engine's lock. So nothing under the lock wakes or drops one: a
+/// waker a waiter lets go of (replaced, or its waiter done) is *buried* here
+/// and dropped after the lock, as tokio's semaphore drops its old waker.
+#[derive(Debug, Default)]
+pub(crate) struct Wakes {
+    wake: SmallVec<[Wake; 2]>,
+    buried: SmallVec<[Wake; 1]>,
+}
+
+impl Wakes {
+    pub fn new() -> Wakes {
+        Wakes::default()
+    }
+
+    /// Wakes `wake` once the lock is released.
+    pub fn push(&mut self, wake: Wake) {
+        self.wake.push(wake);
+    }
+
+    /// Drops `wake` once the lock is released.
+    pub fn bury(&mut self, wake: Wake) {
+        self.buried.push(wake);
+    }
+
+    /// Wake-ups to deliver.
+    pub fn len(&self) -> usize {
+        self.wake.len()
+    }
+
+    /// Nothing to wake and nothing to drop.
+    pub fn is_empty(&self) -> bool {
+        self.wake.is_empty() && self.buried.is_empty()
+    }
+
+    /// Wakes, then drops what was buried. Only with the lock released.
+    pub fn deliver(self) {
+        for wake in self.wake {
+            wake.wake();
+        }
+        drop(self.buried);
+    }
+}
 
 /// What a waiter is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +216,7 @@ enum Fit {
 
 impl State {
     /// Queues a waiter; its first attempt has been made and denied.
-    pub fn enqueue(&mut self, waiter: Waiter, now: Instant) -> Ticket {
+    pub fn enqueue(&mut self, waiter: Waiter, now: Instant, wakes: &mut Wakes) -> Ticket {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         for id in &waiter.ids {
@@ -187,10 +232,13 @@ impl State {
             }
             // Only if time moved between the first attempt and now.
             Fit::Yes => {
-                let (mut dirty, mut wakes) = (Dirty::new(), Wakes::new());
-                self.grant(ticket, now, now, &mut dirty, &mut wakes);
-                self.pump(&mut dirty, now, &mut wakes);
-                debug_assert!(wakes.len() <= 1, "nobody else can have been let in");
+                let (mut dirty, before) = (Dirty::new(), wakes.len());
+                self.grant(ticket, now, now, &mut dirty, wakes);
+                self.pump(&mut dirty, now, wakes);
+                debug_assert!(
+                    wakes.len() - before <= 1,
+                    "nobody else can have been let in"
+                );
             }
         }
         ticket
@@ -512,6 +560,7 @@ impl State {
             return;
         };
         debug_assert!(matches!(waiter.status, Status::Queued));
+        wakes.bury(waiter.wake);
         let mut dirty = Dirty::new();
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
