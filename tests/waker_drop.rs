@@ -13,12 +13,15 @@ mod common;
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use common::{watchdog, WATCHDOG};
-use turnstile::{AcquireFuture, ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter};
+use common::{eventually, watchdog, TempDir, WATCHDOG};
+use turnstile::{
+    AcquireFuture, Admin, ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter,
+};
 
 /// A task's waker that owns what its task holds: a guard, or another
 /// acquisition future, only to drop them with its last clone. Waking it does
@@ -275,5 +278,62 @@ fn an_observer_may_use_the_limiter() {
         // Break the cycle limiter -> observer -> limiter.
         cell.lock().unwrap().take();
         assert_eq!(*seen.lock().unwrap(), vec![true; 4]);
+    });
+}
+
+/// A waker that runs its task inline, as some executors do: the task makes
+/// an acquisition naming a missing limit, which a store must commit first.
+struct RunsTaskInline {
+    limiter: Limiter,
+    ran: AtomicBool,
+}
+
+impl Wake for RunsTaskInline {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let made = self.limiter.concurrency("made-by-the-task", 1).try_acquire();
+        drop(made.expect("created and taken"));
+        self.ran.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The store's writer applies another process's change (here an update that
+/// grants a waiter) and wakes the waiter: `Db::pull` woke it while the
+/// writer still held the store's lock, which the task then needed.
+#[test]
+fn the_store_writer_wakes_outside_the_store_lock() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("waker-drop");
+        let db = dir.path("limits.db");
+        let limiter = Limiter::builder()
+            .path(&db)
+            .flush_interval(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        limiter.create_limit("x", LimitConfig::new(1)).unwrap();
+        let full = limiter.concurrency("x", 1).acquire().unwrap();
+        let task = Arc::new(RunsTaskInline {
+            limiter: limiter.clone(),
+            ran: AtomicBool::new(false),
+        });
+        let waker = Waker::from(task.clone());
+        let mut fut = Box::pin(limiter.concurrency("x", 1).into_future());
+        assert!(poll(&mut fut, &waker).is_pending());
+        // Another process (the CLI) raises the limit; the owner's writer
+        // picks it up, grants the future and wakes its task.
+        let mut admin = Admin::open(&db).unwrap();
+        admin
+            .update_limit("x", LimitUpdate::new().limit(2))
+            .unwrap();
+        limiter.flush().unwrap();
+        assert!(eventually(WATCHDOG, || task.ran.load(Ordering::SeqCst)));
+        assert!(limiter.limit("made-by-the-task").is_some());
+        let Poll::Ready(guard) = poll(&mut fut, &waker) else {
+            panic!("granted by the update");
+        };
+        drop((guard.unwrap(), full, fut, waker, task));
     });
 }
