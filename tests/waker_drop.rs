@@ -19,9 +19,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use common::{eventually, watchdog, TempDir, WATCHDOG};
-use turnstile::{
-    AcquireFuture, Admin, ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter,
-};
+use turnstile::{AcquireFuture, Admin, ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter};
 
 /// A task's waker that owns what its task holds: a guard, or another
 /// acquisition future, only to drop them with its last clone. Waking it does
@@ -294,7 +292,10 @@ impl Wake for RunsTaskInline {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let made = self.limiter.concurrency("made-by-the-task", 1).try_acquire();
+        let made = self
+            .limiter
+            .concurrency("made-by-the-task", 1)
+            .try_acquire();
         drop(made.expect("created and taken"));
         self.ran.store(true, Ordering::SeqCst);
     }
