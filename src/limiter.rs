@@ -241,9 +241,13 @@ impl Limiter {
         )
     }
 
-    /// Deletes a limit. Its blocked acquisitions go on as if it had never
-    /// existed (strict ones fail with [`Error::NotFound`]); guards holding its
-    /// slots give nothing back, not even to a new limit of the same name.
+    /// Deletes a limit. Its blocked acquisitions go on as for a missing
+    /// limit: strict ones fail with [`Error::NotFound`]; the others stop
+    /// waiting for it, and if one of them has `create_if_missing` (the
+    /// default) it is created again, inactive with limit 1, as a first
+    /// attempt naming a missing limit would (with a store, committed by that
+    /// acquisition when it wakes). Guards holding its slots give nothing
+    /// back, not even to a new limit of the same name.
     ///
     /// # Errors
     ///

@@ -137,6 +137,13 @@ pub(crate) struct Waiter {
     pub occupy: u32,
     pub kind: Kind,
     pub strict: bool,
+    /// Whether a limit of its deleted while it waits is created again (as a
+    /// missing one is by its first attempt), or skipped.
+    pub create_if_missing: bool,
+    /// Limits its owner must create (committing them to the store first)
+    /// before it proceeds: those deleted while it waited (see
+    /// [`State::delete`]).
+    pub create: Vec<String>,
     /// All names asked for, for error messages.
     pub names: String,
     /// Attempts made so far (the first included).
@@ -576,7 +583,8 @@ impl State {
     ///
     /// For the others, losing one of their limits is a change of their
     /// limits: each checks again, counting an attempt if it still does not
-    /// fit.
+    /// fit. Returns those that proceed as for a missing limit and would
+    /// create it (`create_if_missing`), when it was deleted.
     pub fn forget_limit(
         &mut self,
         idx: u32,
@@ -584,9 +592,10 @@ impl State {
         now: Instant,
         dirty: &mut Dirty,
         wakes: &mut Wakes,
-    ) {
+    ) -> SmallVec<[Ticket; 2]> {
+        let mut recreate = SmallVec::new();
         let Some(limit) = self.reg.get_mut(idx) else {
-            return;
+            return recreate;
         };
         let queue = limit.queue.take();
         limit.queued_occupy = 0;
@@ -600,7 +609,12 @@ impl State {
             if deleted && waiter.strict {
                 let err = Error::NotFound { name: name.clone() };
                 self.fail(q.ticket, err, dirty, wakes);
-            } else if waiter.ids.is_empty() {
+                continue;
+            }
+            if deleted && waiter.create_if_missing {
+                recreate.push(q.ticket);
+            }
+            if waiter.ids.is_empty() {
                 // Nothing left to wait for: it passes, holding nothing.
                 waiter.status = Status::Granted;
                 wakes.push(waiter.wake.clone());
@@ -614,6 +628,7 @@ impl State {
                 self.recheck(ticket, now, dirty, wakes);
             }
         }
+        recreate
     }
 
     /// Fails the waiters of `idx` that can never fit its new configuration.
