@@ -138,12 +138,15 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     let woken: OnceCell<Arc<AtomicBool>> = OnceCell::new();
     let wake = || Wake::Thread(thread::current(), woken.get_or_init(Arc::default).clone());
     let begin = loop {
+        let mut wakes = Wakes::new();
         let begin = shared.state.lock().begin(
             &spec.request(),
             &mut clock,
             queue.then_some(&wake as &dyn Fn() -> Wake),
-        )?;
-        match begin {
+            &mut wakes,
+        );
+        deliver(wakes);
+        match begin? {
             Begin::Create(names) => shared.create_missing(&names)?,
             begin => break begin,
         }
@@ -182,6 +185,19 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
                         waited: now - start,
                     })
                 })
+            }
+            // A limit it waited for was deleted: created again as by a
+            // first attempt (`Begin::Create`), then it looks again.
+            Look::Create(names) => {
+                if let Err(err) = shared.create_missing(&names) {
+                    let mut wakes = Wakes::new();
+                    shared
+                        .state
+                        .lock()
+                        .abandon(ticket, Instant::now(), &mut wakes);
+                    deliver(wakes);
+                    return Err(err);
+                }
             }
             Look::Wait { at, first } => {
                 // Moved up to the head of the line (its predecessor was
@@ -641,11 +657,14 @@ impl Waiting {
                 let waker = cx.waker();
                 let wake = || Wake::Task(waker.clone());
                 let begin = loop {
+                    let mut wakes = Wakes::new();
                     let begin = self.shared.state.lock().begin(
                         &self.spec.request(),
                         &mut LazyNow::at(now),
                         self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
+                        &mut wakes,
                     );
+                    deliver(wakes);
                     match begin {
                         // Rare (a missing name with a store): a short
                         // blocking commit inside poll.
@@ -676,13 +695,26 @@ impl Waiting {
                 }
             }
         };
-        let mut wakes = Wakes::new();
-        let look = {
-            let mut state = self.shared.state.lock();
-            state.set_waker(ticket, cx.waker());
-            state.look(ticket, now, start, deadline, &mut wakes)
+        let look = loop {
+            let mut wakes = Wakes::new();
+            let look = {
+                let mut state = self.shared.state.lock();
+                state.set_waker(ticket, cx.waker(), &mut wakes);
+                state.look(ticket, now, start, deadline, &mut wakes)
+            };
+            deliver(wakes);
+            match look {
+                // As `run`: a limit it waited for was deleted; create it
+                // again (a short blocking commit inside poll with a store).
+                Look::Create(names) => {
+                    if let Err(err) = self.shared.create_missing(&names) {
+                        self.abandon();
+                        return self.finish(Err(err));
+                    }
+                }
+                look => break look,
+            }
         };
-        deliver(wakes);
         match look {
             Look::Done(done) => {
                 self.ticket = None;
@@ -691,6 +723,7 @@ impl Waiting {
                     waited: now - start,
                 }))
             }
+            Look::Create(_) => unreachable!("handled above"),
             Look::Wait { at, .. } => {
                 // Re-armed at every pending poll: the task's waker may change.
                 if let Some(old) = self.timer.take() {
@@ -709,13 +742,9 @@ impl Waiting {
         }
         Poll::Ready(result)
     }
-}
 
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if let Some(key) = self.timer.take() {
-            timer().cancel(key);
-        }
+    /// Gives up its place, and anything granted to it and not yet seen.
+    fn abandon(&mut self) {
         if let Some(ticket) = self.ticket.take() {
             let mut wakes = Wakes::new();
             self.shared
@@ -724,6 +753,15 @@ impl Drop for Waiting {
                 .abandon(ticket, Instant::now(), &mut wakes);
             deliver(wakes);
         }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(key) = self.timer.take() {
+            timer().cancel(key);
+        }
+        self.abandon();
     }
 }
 

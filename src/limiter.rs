@@ -42,10 +42,11 @@ impl Shared {
             }
             return Ok(());
         };
+        let mut wakes = Wakes::new();
         let mut db = store.persist.db.lock();
-        for name in names {
+        let created = names.iter().try_for_each(|name| {
             if self.state.lock().reg.lookup(name).is_some() {
-                continue;
+                return Ok(());
             }
             let change = Change::Create(config.clone());
             match db.commit(name, &change) {
@@ -55,14 +56,17 @@ impl Shared {
                         let limit = state.reg.by_name_mut(name).expect("created");
                         change.record(limit, incarnation);
                     }
+                    Ok(())
                 }
                 // Created by another process (the CLI) since the writer last
                 // looked: take its definition now, as the writer would have.
-                Err(Error::AlreadyExists { .. }) => db.pull(&self.state)?,
-                Err(err) => return Err(err),
+                Err(Error::AlreadyExists { .. }) => db.pull(&self.state, &mut wakes),
+                Err(err) => Err(err),
             }
-        }
-        Ok(())
+        });
+        drop(db);
+        deliver(wakes);
+        created
     }
 
     /// Tells the observer, if there is one.
@@ -73,15 +77,14 @@ impl Shared {
     }
 }
 
-/// Delivers wake-ups collected under the lock, once it is released.
+/// Delivers wake-ups collected under the lock, and drops the wakers it let
+/// go of, once it is released.
 #[inline]
 pub(crate) fn deliver(wakes: Wakes) {
     if wakes.is_empty() {
         return;
     }
-    for wake in wakes {
-        wake.wake();
-    }
+    wakes.deliver();
 }
 
 /// A registry of named limits whose slots threads and tasks take and give
@@ -282,9 +285,13 @@ impl Limiter {
         )
     }
 
-    /// Deletes a limit. Its blocked acquisitions go on as if it had never
-    /// existed (strict ones fail with [`Error::NotFound`]); guards holding its
-    /// slots give nothing back, not even to a new limit of the same name.
+    /// Deletes a limit. Its blocked acquisitions go on as for a missing
+    /// limit: strict ones fail with [`Error::NotFound`]; the others stop
+    /// waiting for it, and if one of them has `create_if_missing` (the
+    /// default) it is created again, inactive with limit 1, as a first
+    /// attempt naming a missing limit would (with a store, committed by that
+    /// acquisition when it wakes). Guards holding its slots give nothing
+    /// back, not even to a new limit of the same name.
     ///
     /// # Errors
     ///

@@ -169,7 +169,9 @@ impl Db {
     }
 
     /// Applies definitions committed by other processes since the last look.
-    pub fn pull(&mut self, state: &Engine) -> Result<(), Error> {
+    /// The caller delivers `wakes` once it has let go of this store's lock
+    /// too: a waker may run its task, which may need the store.
+    pub fn pull(&mut self, state: &Engine, wakes: &mut Wakes) -> Result<(), Error> {
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -181,7 +183,6 @@ impl Db {
             schema::definitions(&self.conn).map_err(|e| self.err("cannot read limits", e))?;
         self.data_version = version;
         let now = Instant::now();
-        let mut wakes = Wakes::new();
         {
             let mut state = state.lock();
             for (name, def) in &rows {
@@ -199,7 +200,7 @@ impl Db {
                     .as_ref()
                     .is_some_and(|(_, s)| s.incarnation != row.1.incarnation);
                 if reborn {
-                    let _ = state.delete(name, now, &mut wakes);
+                    let _ = state.delete(name, now, wakes);
                 }
                 let update = LimitUpdate::new()
                     .limit(def.limit)
@@ -211,13 +212,13 @@ impl Db {
                 let applied = if state.reg.lookup(name).is_none() {
                     state.create(name, &row.0, now).map(|_| ())
                 } else {
-                    state.update(name, &update, now, &mut wakes).map(|_| ())
+                    state.update(name, &update, now, wakes).map(|_| ())
                 };
                 if applied.is_ok()
                     && !reborn
                     && old.as_ref().is_some_and(|(_, s)| s.resets != row.1.resets)
                 {
-                    let _ = state.reset(name, now, &mut wakes);
+                    let _ = state.reset(name, now, wakes);
                 }
                 if let Some(limit) = state.reg.by_name_mut(name) {
                     limit.stored = row.1;
@@ -232,10 +233,9 @@ impl Db {
                 .map(|(_, l)| l.name.clone())
                 .collect();
             for name in gone {
-                let _ = state.delete(&name, now, &mut wakes);
+                let _ = state.delete(&name, now, wakes);
             }
         }
-        crate::limiter::deliver(wakes);
         Ok(())
     }
 
