@@ -5,6 +5,8 @@
 //! says `SKIPPED` and checks nothing where PostgreSQL is missing, and fails
 //! under `CI`).
 
+#![cfg(feature = "postgres")]
+
 mod common;
 
 use std::future::{Future, IntoFuture};

@@ -8,6 +8,8 @@
 //! Where PostgreSQL is missing these tests say `SKIPPED` and check nothing;
 //! under `CI` they fail.
 
+#![cfg(all(feature = "postgres", feature = "cli"))]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -199,6 +201,23 @@ fn child() {
                 .acquire();
             say(&format!("AGAIN {}", again.is_ok()));
         }
+        // Queues for `arg` (names joined by '+'), reports when let in (with
+        // the local clock), holds 30 ms.
+        "turn" => {
+            let l = connect(&url, &ns, Duration::from_secs(30));
+            let names: Vec<&str> = arg.split('+').collect();
+            say("QUEUING");
+            let g = l
+                .concurrency(names, 1)
+                .timeout(Duration::from_secs(60))
+                .acquire()
+                .unwrap();
+            say(&format!("GOT {:.6}", unix_now()));
+            thread::sleep(Duration::from_millis(30));
+            drop(g);
+            l.flush().unwrap();
+            say("DONE");
+        }
         // Waits for a paused limit; reports when let in.
         "paused" => {
             let l = connect(&url, &ns, Duration::from_secs(30));
@@ -246,6 +265,55 @@ fn a_killed_holder_gives_back_within_seconds() {
         eprintln!("SIGKILLed holder: its slot granted to a waiter after {took:?}");
         // The promise is 2 s; a loaded CI machine gets room.
         assert!(took < Duration::from_secs(10), "{took:?}");
+    });
+}
+
+#[test]
+fn first_come_first_served_and_all_or_nothing_across_processes() {
+    watchdog(WATCHDOG * 4, || {
+        let Some(cluster) = shared_cluster_or_skip("fifo_across_processes") else {
+            return;
+        };
+        let url = cluster.url();
+        let ns = "fifo_processes";
+        let l = connect(&url, ns, Duration::from_secs(30));
+        l.create_limit("a", LimitConfig::new(1)).unwrap();
+        l.create_limit("b", LimitConfig::new(1)).unwrap();
+        let held = l.concurrency("a", 1).acquire().unwrap();
+        // Queued one after the other, in three processes; the second wants
+        // b too.
+        let wants = ["a", "b+a", "a"];
+        let mut kids = Vec::new();
+        for (i, want) in wants.iter().enumerate() {
+            let kid = Kid::spawn("turn", &url, ns, want);
+            kid.expect("QUEUING", Duration::from_secs(30));
+            assert!(eventually(Duration::from_secs(10), || l
+                .limit("a")
+                .is_some_and(|info| info.waiters == i + 1)));
+            kids.push(kid);
+        }
+        // All or nothing: the waiter for b and a took nothing from b, and
+        // b is free for others, who pass nobody there.
+        assert_eq!(l.limit("b").unwrap().held_slots, 0);
+        assert!(l.concurrency("a", 1).try_acquire().unwrap().is_none());
+        drop(held);
+        let mut got = Vec::new();
+        for kid in &kids {
+            let line = kid.expect("GOT", Duration::from_secs(30));
+            got.push(line[4..].parse::<f64>().unwrap());
+        }
+        for kid in kids {
+            kid.expect("DONE", Duration::from_secs(30));
+            kid.wait_ok();
+        }
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "served out of order: {got:?}"
+        );
+        for name in ["a", "b"] {
+            let info = l.limit(name).unwrap();
+            assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
+        }
     });
 }
 
