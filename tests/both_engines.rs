@@ -19,8 +19,10 @@ use common::pg::shared_cluster_or_skip;
 use common::{eventually, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
 
+type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
 /// A fresh namespace on the binary's cluster, or `None` (skipped).
-fn shared(test: &str, observer: Option<Arc<dyn Fn(&Event) + Send + Sync>>) -> Option<Limiter> {
+fn shared(test: &str, observer: Option<Observer>) -> Option<Limiter> {
     let cluster = shared_cluster_or_skip(test)?;
     let mut builder = Limiter::builder()
         .postgres(cluster.url())
@@ -215,10 +217,12 @@ fn missing_strict_inactive_paused(l: &Limiter) {
         Err(Error::NotFound { name }) if name == "absent"
     ));
     assert!(l.limit("absent").is_none());
-    l.concurrency("skipped", 1)
-        .create_if_missing(false)
-        .acquire()
-        .unwrap();
+    drop(
+        l.concurrency("skipped", 1)
+            .create_if_missing(false)
+            .acquire()
+            .unwrap(),
+    );
     assert!(l.limit("skipped").is_none());
     // Paused: waits until raised.
     l.create_limit("paused", LimitConfig::new(0)).unwrap();
@@ -405,7 +409,7 @@ fn shared_events_are_emitted() {
     watchdog(WATCHDOG, || {
         let seen = Arc::new(AtomicU32::new(0));
         let counter = seen.clone();
-        let observer: Arc<dyn Fn(&Event) + Send + Sync> = Arc::new(move |e: &Event| {
+        let observer: Observer = Arc::new(move |e: &Event| {
             if matches!(e, Event::Acquired { .. } | Event::Released { .. }) {
                 counter.fetch_add(1, Ordering::SeqCst);
             }
