@@ -518,6 +518,16 @@ impl State {
         update.validate(name)?;
         let idx = self.find(name)?;
         let limit = self.reg.get_mut(idx).expect("found");
+        let unchanged = update.limit.is_none_or(|cap| cap == limit.slots.limit)
+            && update.active.is_none_or(|active| active == limit.active)
+            && update
+                .slot_decay_per_second
+                .is_none_or(|rate| rate == limit.slots.rate());
+        if unchanged {
+            // Nobody fits better or worse: as Prefect's clients retry only on
+            // a real change, no waiter is looked at or charged an attempt.
+            return Ok(self.reg.info(idx, now).expect("found"));
+        }
         let was_active = limit.active;
         if let Some(rate) = update.slot_decay_per_second {
             limit.slots.set_rate(rate, now);
