@@ -98,13 +98,12 @@ pub(crate) enum Begin {
 
 /// The outcome of a look at a queued waiter.
 pub(crate) enum Look {
-    Done(Result<Ids, Error>),
+    /// Granted (the slots taken from these limits, and the instant it was
+    /// granted from), or failed.
+    Done(Result<(Ids, Instant), Error>),
     /// Still queued; look again when woken or at `at`. `first`: at the head
     /// of its limit's queue (next in line).
-    Wait {
-        at: Option<Instant>,
-        first: bool,
-    },
+    Wait { at: Option<Instant>, first: bool },
 }
 
 /// Names of limits, for events; only gathered when someone observes.
@@ -222,6 +221,7 @@ impl State {
             max_retries: req.max_retries,
             counted_in: 0,
             status: Status::Queued,
+            granted_at: None,
             decay_at: None,
             wake: wake(),
         };
@@ -315,7 +315,7 @@ impl State {
             match waiter.status {
                 Status::Granted => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
-                    return Look::Done(Ok(waiter.ids));
+                    return Look::Done(Ok((waiter.ids, waiter.granted_at.unwrap_or(now))));
                 }
                 Status::Failed(_) => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
