@@ -96,14 +96,16 @@ pub(crate) enum Begin {
     Create(Vec<String>),
 }
 
-/// The outcome of a look at a queued waiter.
+/// The outcome of a look at a queued waiter. `Done(Ok(_))` gives the limits
+/// taken from and the instant it was granted from.
 pub(crate) enum Look {
-    /// Granted (the slots taken from these limits, and the instant it was
-    /// granted from), or failed.
     Done(Result<(Ids, Instant), Error>),
     /// Still queued; look again when woken or at `at`. `first`: at the head
     /// of its limit's queue (next in line).
-    Wait { at: Option<Instant>, first: bool },
+    Wait {
+        at: Option<Instant>,
+        first: bool,
+    },
 }
 
 /// Names of limits, for events; only gathered when someone observes.
