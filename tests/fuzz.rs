@@ -1688,3 +1688,52 @@ fn a_store_rebuilt_without_its_keys_fails_at_open_not_at_flush() {
         assert!(fs::read(&db).unwrap() == before, "the CLI changed the file");
     });
 }
+
+/// Found by `fuzz_store_files` (4 stores in 20,000): a flipped bit in
+/// `slot_state`'s schema text made its foreign key refer to a column or a
+/// table that is not `limits(name)`. Reads went on working, but with
+/// foreign keys on every write to `slot_state` failed ("foreign key
+/// mismatch", "no such table: main.limitp"), so the store opened and then
+/// failed every `flush()`. Now `open` refuses it, untouched.
+#[test]
+fn a_store_whose_slot_state_refers_elsewhere_fails_at_open() {
+    common::watchdog(common::WATCHDOG, || {
+        for (to, expected) in [("limits(namf)", "\"namf\""), ("limitp(name)", "\"limitp\"")] {
+            let scratch = Scratch::new("references");
+            let db = scratch.path("limits.db");
+            {
+                let limiter = Limiter::open(&db).unwrap();
+                limiter
+                    .create_limit("api", LimitConfig::new(10).slot_decay_per_second(1.0))
+                    .unwrap();
+            }
+            {
+                // As the flipped bit does: the schema's text, edited in place.
+                let conn = Connection::open(&db).unwrap();
+                conn.execute_batch("PRAGMA writable_schema = ON").unwrap();
+                let changed = conn
+                    .execute(
+                        "UPDATE sqlite_master SET sql = replace(sql, 'limits(name)', ?1) \
+                         WHERE name = 'slot_state'",
+                        [to],
+                    )
+                    .unwrap();
+                assert_eq!(changed, 1);
+            }
+            let before = fs::read(&db).unwrap();
+            match Limiter::open(&db) {
+                Err(e @ Error::Storage { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains("damaged store"), "{text}");
+                    assert!(text.contains(expected), "{to}: {text}");
+                }
+                Err(e) => panic!("{to}: expected a Storage error, got {e}"),
+                Ok(limiter) => {
+                    let _ = limiter.rate_limit("api", 1).try_acquire();
+                    panic!("{to}: opened; flush then says {:?}", limiter.flush())
+                }
+            }
+            assert!(fs::read(&db).unwrap() == before, "{to}: the file changed");
+        }
+    });
+}

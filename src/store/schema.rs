@@ -228,8 +228,8 @@ fn check_tables(conn: &Connection, path: &Path, version: i32) -> Result<(), Erro
             .is_none_or(|to| to.eq_ignore_ascii_case("name"));
         if !table.eq_ignore_ascii_case("limits") || !to_name {
             return Err(damaged(format!(
-                "table \"slot_state\" references {table:?}({}) instead of \"limits\"(\"name\")",
-                to.unwrap_or_default()
+                "table \"slot_state\" refers to {table:?}({}) instead of \"limits\"(\"name\")",
+                to.map(|to| format!("{to:?}")).unwrap_or_default()
             )));
         }
     }
