@@ -86,7 +86,31 @@ impl<'a> Spec<'a> {
 /// Slots taken, from which limits, after how long a wait.
 struct Taken {
     ids: Ids,
+    /// Up to the grant, for a queued waiter.
     waited: Duration,
+    /// When a queued waiter was granted (its hold starts then); `None`:
+    /// taken by the caller itself, just now.
+    granted_at: Option<Instant>,
+}
+
+impl Taken {
+    /// Taken at the first attempt.
+    fn at_once(ids: Ids) -> Taken {
+        Taken {
+            ids,
+            waited: Duration::ZERO,
+            granted_at: None,
+        }
+    }
+
+    /// Granted at `at` to a waiter queued since `start`.
+    fn granted((ids, at): (Ids, Instant), start: Instant) -> Taken {
+        Taken {
+            ids,
+            waited: at.saturating_duration_since(start),
+            granted_at: Some(at),
+        }
+    }
 }
 
 /// How the caller wants a first attempt that does not fit handled.
@@ -152,12 +176,7 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
         }
     };
     let (ticket, first) = match begin {
-        Begin::Taken(ids) => {
-            return Ok(Some(Taken {
-                ids,
-                waited: Duration::ZERO,
-            }))
-        }
+        Begin::Taken(ids) => return Ok(Some(Taken::at_once(ids))),
         Begin::Refused if mode == Mode::Try => return Ok(None),
         Begin::Refused => return Err(spec.timed_out(Duration::ZERO)),
         Begin::Queued { ticket, first } => (ticket, first),
@@ -178,14 +197,7 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
             .look(ticket, now, start, deadline, &mut wakes);
         deliver(wakes);
         match look {
-            Look::Done(done) => {
-                return done.map(|ids| {
-                    Some(Taken {
-                        ids,
-                        waited: now - start,
-                    })
-                })
-            }
+            Look::Done(done) => return done.map(|got| Some(Taken::granted(got, start))),
             // A limit it waited for was deleted: created again as by a
             // first attempt (`Begin::Create`), then it looks again.
             Look::Create(names) => {
@@ -396,7 +408,12 @@ impl<'a> Acquire<'a> {
     fn guard(&self, taken: Taken) -> ConcurrencyGuard {
         let shared = &self.limiter.shared;
         acquired(shared, &taken, self.spec.occupy, Kind::Concurrency);
-        ConcurrencyGuard::new(shared.clone(), taken.ids, self.spec.occupy)
+        ConcurrencyGuard::granted(
+            shared.clone(),
+            taken.ids,
+            self.spec.occupy,
+            taken.granted_at,
+        )
     }
 
     fn fast_guard(&self, id: LimitId) -> ConcurrencyGuard {
@@ -561,10 +578,11 @@ impl Future for AcquireFuture {
             let taken = taken?;
             let shared = waiting.shared.clone();
             acquired(&shared, &taken, waiting.spec.occupy, Kind::Concurrency);
-            Ok(ConcurrencyGuard::new(
+            Ok(ConcurrencyGuard::granted(
                 shared,
                 taken.ids,
                 waiting.spec.occupy,
+                taken.granted_at,
             ))
         })
     }
@@ -678,12 +696,7 @@ impl Waiting {
                 };
                 match begin {
                     Err(err) => return self.finish(Err(err)),
-                    Ok(Begin::Taken(ids)) => {
-                        return self.finish(Ok(Taken {
-                            ids,
-                            waited: Duration::ZERO,
-                        }))
-                    }
+                    Ok(Begin::Taken(ids)) => return self.finish(Ok(Taken::at_once(ids))),
                     Ok(Begin::Refused) => {
                         return self.finish(Err(self.spec.timed_out(Duration::ZERO)))
                     }
@@ -718,10 +731,7 @@ impl Waiting {
         match look {
             Look::Done(done) => {
                 self.ticket = None;
-                self.finish(done.map(|ids| Taken {
-                    ids,
-                    waited: now - start,
-                }))
+                self.finish(done.map(|got| Taken::granted(got, start)))
             }
             Look::Create(_) => unreachable!("handled above"),
             Look::Wait { at, .. } => {

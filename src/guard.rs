@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::clock::Stamp;
 use crate::event::Event;
@@ -22,6 +22,10 @@ pub struct ConcurrencyGuard {
     /// When the guard was made, on the cheap clock: hold times feed only the
     /// occupancy average (floored at 0.1 s per slot) and `release`'s answer.
     acquired_at: Stamp,
+    /// How long the slots had been held when the guard was made: those
+    /// granted to a queued waiter are its from the grant, not from when its
+    /// thread or task got round to taking them.
+    held_before: Duration,
     released: bool,
     /// A hold on the PostgreSQL server, for shared limits.
     #[cfg(feature = "postgres")]
@@ -36,6 +40,7 @@ impl ConcurrencyGuard {
             ids,
             occupy,
             acquired_at: Stamp::now(),
+            held_before: Duration::ZERO,
             released: false,
             #[cfg(feature = "postgres")]
             remote: None,
@@ -64,6 +69,21 @@ impl ConcurrencyGuard {
             return hold.is_lost(&remote.inner);
         }
         false
+    }
+
+    /// A guard for slots granted at `granted_at` (a queued waiter's, handed
+    /// to it by whoever made room), its hold time counted from then.
+    pub(crate) fn granted(
+        shared: Arc<Shared>,
+        ids: Ids,
+        occupy: u32,
+        granted_at: Option<Instant>,
+    ) -> Self {
+        let mut guard = Self::new(shared, ids, occupy);
+        if let Some(at) = granted_at {
+            guard.held_before = Instant::now().saturating_duration_since(at);
+        }
+        guard
     }
 
     /// Gives the slots back now and returns how long they were held. For
@@ -103,7 +123,7 @@ impl ConcurrencyGuard {
 
     /// How long the slots have been held so far.
     pub fn held_for(&self) -> Duration {
-        self.acquired_at.elapsed()
+        self.held_before + self.acquired_at.elapsed()
     }
 
     fn give_back(&mut self) -> Duration {

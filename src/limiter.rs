@@ -149,8 +149,11 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`] if the file cannot be opened or is not a turnstile
-    /// store; [`Error::StoreInUse`] if another live limiter owns it.
+    /// [`Error::Storage`] if the file cannot be opened, is not a turnstile
+    /// store, or is a damaged one (tables missing columns or keys, rows it
+    /// could not have written, what SQLite's `quick_check` finds): such a
+    /// file is left as it was; [`Error::StoreInUse`] if another live limiter
+    /// owns it.
     pub fn open(path: impl Into<PathBuf>) -> Result<Limiter, Error> {
         Limiter::builder().path(path).build()
     }

@@ -96,9 +96,10 @@ pub(crate) enum Begin {
     Create(Vec<String>),
 }
 
-/// The outcome of a look at a queued waiter.
+/// The outcome of a look at a queued waiter. `Done(Ok(_))` gives the limits
+/// taken from and the instant it was granted from.
 pub(crate) enum Look {
-    Done(Result<Ids, Error>),
+    Done(Result<(Ids, Instant), Error>),
     /// These limits, deleted while it waited, must be created (and stored)
     /// first; then look again. Abandon the waiter if that fails.
     Create(Vec<String>),
@@ -220,6 +221,7 @@ impl State {
             max_retries: req.max_retries,
             counted_in: 0,
             status: Status::Queued,
+            granted_at: None,
             decay_at: None,
             wake: wake(),
         };
@@ -339,8 +341,9 @@ impl State {
             match waiter.status {
                 Status::Granted => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
+                    let granted_at = waiter.granted_at.unwrap_or(now);
                     wakes.bury(waiter.wake);
-                    return Look::Done(Ok(waiter.ids));
+                    return Look::Done(Ok((waiter.ids, granted_at)));
                 }
                 Status::Failed(_) => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
@@ -552,6 +555,16 @@ impl State {
         update.validate(name)?;
         let idx = self.find(name)?;
         let limit = self.reg.get_mut(idx).expect("found");
+        let unchanged = update.limit.is_none_or(|cap| cap == limit.slots.limit)
+            && update.active.is_none_or(|active| active == limit.active)
+            && update
+                .slot_decay_per_second
+                .is_none_or(|rate| rate == limit.slots.rate());
+        if unchanged {
+            // Nobody fits better or worse: as Prefect's clients retry only on
+            // a real change, no waiter is looked at or charged an attempt.
+            return Ok(self.reg.info(idx, now).expect("found"));
+        }
         let was_active = limit.active;
         if let Some(rate) = update.slot_decay_per_second {
             limit.slots.set_rate(rate, now);

@@ -152,6 +152,9 @@ pub(crate) struct Waiter {
     /// The last pump that counted a retry for it.
     pub counted_in: u64,
     pub status: Status,
+    /// The instant it was granted from (see [`State::grant`]): its wait
+    /// ends and its hold starts there, however late its thread or task runs.
+    pub granted_at: Option<Instant>,
     /// When decay alone will let it fit, if that is all it waits for.
     pub decay_at: Option<Instant>,
     pub wake: Wake,
@@ -489,7 +492,8 @@ impl State {
     }
 
     /// Takes the waiter's slots on all its limits at once and wakes it.
-    /// Decaying slots are charged from `since` (at most `now`).
+    /// Decaying slots are charged from `since` (at most `now`), and so are
+    /// its wait and hold times: it is granted then, whenever it runs.
     fn grant(
         &mut self,
         ticket: Ticket,
@@ -519,6 +523,7 @@ impl State {
             self.reg.touch(id.idx);
         }
         waiter.status = Status::Granted;
+        waiter.granted_at = Some(since);
         wakes.push(waiter.wake.clone());
         // On a limit of one slot, its next in line (a thread waiting for that
         // limit alone) is woken to spin at the head: its turn comes exactly
@@ -617,6 +622,7 @@ impl State {
             if waiter.ids.is_empty() {
                 // Nothing left to wait for: it passes, holding nothing.
                 waiter.status = Status::Granted;
+                waiter.granted_at = Some(now);
                 wakes.push(waiter.wake.clone());
             } else {
                 affected.push(q.ticket);
