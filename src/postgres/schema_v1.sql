@@ -182,6 +182,16 @@ BEGIN
 END
 $$;
 
+-- Lets the current transaction commit without waiting for its WAL flush:
+-- for changes whose loss in a server crash is harmless (a waiter's row
+-- forgotten after its client saw it, a denial counted, a waiter queued:
+-- its client finds it gone and queues again). Any grant in the same
+-- transaction turns durability back on.
+CREATE FUNCTION __NS__.relaxed()
+RETURNS void LANGUAGE sql AS $$
+    SELECT set_config('synchronous_commit', 'off', true)
+$$;
+
 -- Takes a waiter's slots on all its limits at once and tells its client.
 -- Decaying slots are charged from `since` (at most `t`).
 CREATE FUNCTION __NS__.grant(w __NS__.waiters, since timestamptz, t timestamptz)
@@ -192,6 +202,10 @@ DECLARE
 BEGIN
     SELECT coalesce(array_agg(name ORDER BY name), '{}') INTO lims
       FROM __NS__.waiter_limits WHERE ticket = w.ticket;
+    -- A grant must survive a crash of the server: its client will act on
+    -- it. (Transactions that grant nothing may commit without waiting for
+    -- the disk: see `relaxed`.)
+    PERFORM set_config('synchronous_commit', 'on', true);
     PERFORM __NS__.unqueue(w.ticket);
     IF w.rate THEN
         UPDATE __NS__.limits l
@@ -357,6 +371,7 @@ BEGIN
         END IF;
         RETURN ROW('taken', hold_id, NULL, NULL, NULL, NULL, NULL, 0)::__NS__.outcome;
     END IF;
+    PERFORM __NS__.relaxed();
     UPDATE __NS__.limits SET denied = denied + p_occupy WHERE name = ANY (lims);
     IF p_max_retries = 0 THEN
         RETURN ROW('error', 0, 'retries', joined, p_occupy, 1, NULL, NULL)::__NS__.outcome;
@@ -409,6 +424,7 @@ DECLARE
     w __NS__.waiters;
 BEGIN
     PERFORM pg_advisory_xact_lock(__KEY__, 0);
+    PERFORM __NS__.relaxed();
     t := clock_timestamp();
     SELECT * INTO w FROM __NS__.waiters WHERE ticket = p_ticket AND client = p_client;
     IF FOUND AND w.status = 'queued' AND w.decay_at IS NOT NULL AND w.decay_at <= t THEN
@@ -429,6 +445,7 @@ DECLARE
     names text[];
 BEGIN
     PERFORM pg_advisory_xact_lock(__KEY__, 0);
+    PERFORM __NS__.relaxed();
     t := clock_timestamp();
     SELECT * INTO w FROM __NS__.waiters WHERE ticket = p_ticket AND client = p_client;
     IF FOUND AND w.status = 'queued' THEN
