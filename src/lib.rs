@@ -102,6 +102,43 @@
 //! `enable`, `disable`, `reset`, `delete`, `inspect`, `watch`) administers a
 //! store, also while its owner runs; the owner applies what it changes
 //! within `flush_interval`. [`Admin`] is the same from code.
+//!
+//! ## Shared limits (PostgreSQL)
+//!
+//! With the `postgres` feature (on by default), [`Limiter::connect`] shares
+//! limits among every process, on every host, connected to one database and
+//! namespace: the same API, all-or-nothing, first come first served across
+//! processes, push hand-off (a release grants the waiters that now fit and
+//! notifies exactly those), decay timed by the server's clock.
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use turnstile::{Limiter, LimitConfig};
+//! let limiter = Limiter::builder()
+//!     .postgres("postgres://app@db.internal/limits")
+//!     .namespace("team_a")
+//!     .lease(Duration::from_secs(30))
+//!     .build()?;
+//! let guard = limiter.concurrency("gpu", 1).timeout(Duration::from_secs(5)).acquire()?;
+//! assert!(!guard.is_lost());
+//! # Ok::<(), turnstile::Error>(())
+//! ```
+//!
+//! * A process that ends, even by `kill -9`, gives everything back as soon
+//!   as the server notices its session is gone (about a second).
+//! * A process cut off from the database keeps its slots until its lease
+//!   runs out, counted from its last renewal; then they go to others, its
+//!   guards report [`ConcurrencyGuard::is_lost`], and the observer hears
+//!   [`Event::LeaseLost`] once per guard.
+//! * While the database is away, blocking and async acquisitions wait for
+//!   it within their timeout; `try_acquire` and the management methods
+//!   ([`Limiter::try_limit`], ...) return [`Error::Storage`] at once.
+//! * Each acquisition, look and release is one round trip. An `.await` on a
+//!   shared limit makes those round trips inside `poll` (a fraction of a
+//!   millisecond on a nearby server), and waits between them without
+//!   blocking the executor.
+//! * Advisory locks and `LISTEN` belong to a session: connect directly, or
+//!   through a session-pooling proxy, not a transaction-pooling one.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
