@@ -560,7 +560,54 @@ fn restart_case(cluster: &Cluster, mode: &str) {
     assert!(eventually(Duration::from_secs(10), || l
         .limit("x")
         .is_some_and(|i| i.waiters == 1)));
+    // Traffic on another limit across the restart: every acquisition is
+    // either wholly had or fails clearly, and nothing is left held.
+    l.create_limit("busy", LimitConfig::new(2)).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic: Vec<_> = (0..3)
+        .map(|_| {
+            let (l, stop) = (l.clone(), stop.clone());
+            thread::spawn(move || {
+                let (mut got, mut failed) = (0u32, 0u32);
+                while !stop.load(Ordering::SeqCst) {
+                    match l
+                        .concurrency(["busy"], 1)
+                        .timeout(Duration::from_secs(20))
+                        .acquire()
+                    {
+                        Ok(g) => {
+                            got += 1;
+                            drop(g);
+                        }
+                        Err(e) => {
+                            assert!(
+                                matches!(e, Error::Timeout { .. } | Error::Storage { .. }),
+                                "{e:?}"
+                            );
+                            failed += 1;
+                        }
+                    }
+                }
+                (got, failed)
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
     cluster.restart(mode).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let (mut got, mut failed) = (0, 0);
+    for t in traffic {
+        let (g, f) = t.join().unwrap();
+        got += g;
+        failed += f;
+    }
+    eprintln!("restart -m {mode}: {got} acquisitions across it, {failed} failed clearly");
+    assert!(got > 0);
+    l.flush().unwrap();
+    assert!(eventually(Duration::from_secs(20), || l
+        .limit("busy")
+        .is_some_and(|i| i.held_slots == 0 && i.waiters == 0)));
     // While it was away, management said so at once; now it is back.
     assert!(eventually(Duration::from_secs(30), || l
         .try_limit("x")
