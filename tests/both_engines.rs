@@ -44,6 +44,32 @@ fn both(test: &'static str, behaviour: fn(&Limiter)) {
     });
 }
 
+/// Waits (10 s at most) until `n` acquisitions wait on limit `name`.
+fn queued(l: &Limiter, name: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(10), || l
+            .limit(name)
+            .is_some_and(|i| i.waiters == n)),
+        "{name}: not {n} waiters: {:?}",
+        l.limit(name)
+    );
+}
+
+/// Blocks for `occupy` slots of `name` on another thread (30 s at most).
+fn spawn_waiter(
+    l: &Limiter,
+    name: &'static str,
+    occupy: u32,
+) -> thread::JoinHandle<Result<u32, Error>> {
+    let l = l.clone();
+    thread::spawn(move || {
+        l.concurrency(name, occupy)
+            .timeout(Duration::from_secs(30))
+            .acquire()
+            .map(|g| g.occupy())
+    })
+}
+
 fn management(l: &Limiter) {
     let info = l.create_limit("gpu", LimitConfig::new(2)).unwrap();
     assert_eq!((info.limit, info.active, info.held_slots), (2, true, 0));
@@ -135,9 +161,7 @@ fn fifo_hand_off(l: &Limiter) {
             drop(g);
         }));
         // Queued in this order.
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("one")
-            .is_some_and(|info| info.waiters == i + 1)));
+        queued(l, "one", i + 1);
     }
     // A try never passes the queue.
     drop(held);
@@ -161,9 +185,7 @@ fn try_respects_the_queue(l: &Limiter) {
             .unwrap()
             .release();
     });
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("q")
-        .is_some_and(|i| i.waiters == 1)));
+    queued(l, "q", 1);
     // One slot is free, but promised to the large waiter.
     assert!(l.concurrency("q", 1).try_acquire().unwrap().is_none());
     drop(held);
@@ -192,13 +214,9 @@ fn timeout_and_cancel_leave_nothing(l: &Limiter) {
         .as_mut()
         .poll(&mut std::task::Context::from_waker(waker))
         .is_pending());
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("t")
-        .is_some_and(|i| i.waiters == 1)));
+    queued(l, "t", 1);
     drop(fut);
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("t")
-        .is_some_and(|i| i.waiters == 0)));
+    queued(l, "t", 0);
     drop(held);
     l.flush().unwrap();
     // Nothing was left taken: the whole limit is free.
@@ -227,31 +245,15 @@ fn missing_strict_inactive_paused(l: &Limiter) {
     // Paused: waits until raised.
     l.create_limit("paused", LimitConfig::new(0)).unwrap();
     assert!(l.concurrency("paused", 1).try_acquire().unwrap().is_none());
-    let l2 = l.clone();
-    let waiter = thread::spawn(move || {
-        l2.concurrency("paused", 2)
-            .timeout(Duration::from_secs(30))
-            .acquire()
-            .map(|g| g.occupy())
-    });
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("paused")
-        .is_some_and(|i| i.waiters == 1)));
+    let waiter = spawn_waiter(l, "paused", 2);
+    queued(l, "paused", 1);
     l.update_limit("paused", LimitUpdate::new().limit(2))
         .unwrap();
     assert_eq!(waiter.join().unwrap().unwrap(), 2);
     // Lowered below a waiter's occupy: it fails.
     let held = l.concurrency("paused", 2).acquire().unwrap();
-    let l2 = l.clone();
-    let waiter = thread::spawn(move || {
-        l2.concurrency("paused", 2)
-            .timeout(Duration::from_secs(30))
-            .acquire()
-            .map(|g| g.occupy())
-    });
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("paused")
-        .is_some_and(|i| i.waiters == 1)));
+    let waiter = spawn_waiter(l, "paused", 2);
+    queued(l, "paused", 1);
     l.update_limit("paused", LimitUpdate::new().limit(1))
         .unwrap();
     assert!(matches!(
@@ -270,9 +272,7 @@ fn retries_and_deactivation(l: &Limiter) {
     ));
     let l2 = l.clone();
     let waiter = thread::spawn(move || l2.concurrency("r", 1).max_retries(1).acquire().map(drop));
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("r")
-        .is_some_and(|i| i.waiters == 1)));
+    queued(l, "r", 1);
     // A change that does not let it in counts an attempt; the second fails it.
     l.update_limit("r", LimitUpdate::new().slot_decay_per_second(1.0))
         .unwrap();
@@ -283,16 +283,8 @@ fn retries_and_deactivation(l: &Limiter) {
         Err(Error::RetriesExhausted { .. })
     ));
     // Deactivating lets a waiter through, holding nothing.
-    let l2 = l.clone();
-    let waiter = thread::spawn(move || {
-        l2.concurrency("r", 1)
-            .timeout(Duration::from_secs(30))
-            .acquire()
-            .map(drop)
-    });
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("r")
-        .is_some_and(|i| i.waiters == 1)));
+    let waiter = spawn_waiter(l, "r", 1);
+    queued(l, "r", 1);
     l.update_limit("r", LimitUpdate::new().active(false))
         .unwrap();
     waiter.join().unwrap().unwrap();
@@ -345,9 +337,7 @@ fn async_acquisitions(l: &Limiter) {
                     .map(|g| g.occupy())
             })
         });
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("a")
-            .is_some_and(|i| i.waiters == 1)));
+        queued(l, "a", 1);
         drop(g);
         assert_eq!(waiter.join().unwrap().unwrap(), 1);
     });

@@ -38,6 +38,25 @@ fn connect(url: &str, ns: &str, lease: Duration) -> Limiter {
         .expect("connect")
 }
 
+/// A namespace of its own on the binary's cluster, and a limiter on it;
+/// `None` (skipped, or a panic under `CI`) without PostgreSQL.
+fn namespace(test: &str, ns: &str) -> Option<(String, Limiter)> {
+    let url = shared_cluster_or_skip(test)?.url();
+    let limiter = connect(&url, ns, Duration::from_secs(30));
+    Some((url, limiter))
+}
+
+/// Waits (10 s at most) until `n` acquisitions wait on limit `name`.
+fn queued(l: &Limiter, name: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(10), || l
+            .limit(name)
+            .is_some_and(|i| i.waiters == n)),
+        "{name}: not {n} waiters: {:?}",
+        l.limit(name)
+    );
+}
+
 /// A child process running `role`, its stdout read line by line.
 struct Kid {
     child: Child,
@@ -237,11 +256,9 @@ fn child() {
 #[test]
 fn a_killed_holder_gives_back_within_seconds() {
     watchdog(WATCHDOG * 2, || {
-        let Some(cluster) = shared_cluster_or_skip("a_killed_holder_gives_back") else {
+        let Some((url, l)) = namespace("a_killed_holder_gives_back", "killed_holder") else {
             return;
         };
-        let url = cluster.url();
-        let l = connect(&url, "killed_holder", Duration::from_secs(30));
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let kid = Kid::spawn("hold", &url, "killed_holder", "");
         kid.expect("HELD", Duration::from_secs(30));
@@ -254,9 +271,7 @@ fn a_killed_holder_gives_back_within_seconds() {
                 .acquire();
             (Instant::now(), g.map(drop))
         });
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("x")
-            .is_some_and(|i| i.waiters == 1)));
+        queued(&l, "x", 1);
         let killed = Instant::now();
         kid.signal("KILL");
         let (granted, got) = waiter.join().unwrap();
@@ -271,12 +286,10 @@ fn a_killed_holder_gives_back_within_seconds() {
 #[test]
 fn first_come_first_served_and_all_or_nothing_across_processes() {
     watchdog(WATCHDOG * 4, || {
-        let Some(cluster) = shared_cluster_or_skip("fifo_across_processes") else {
+        let ns = "fifo_processes";
+        let Some((url, l)) = namespace("fifo_across_processes", ns) else {
             return;
         };
-        let url = cluster.url();
-        let ns = "fifo_processes";
-        let l = connect(&url, ns, Duration::from_secs(30));
         l.create_limit("a", LimitConfig::new(1)).unwrap();
         l.create_limit("b", LimitConfig::new(1)).unwrap();
         let held = l.concurrency("a", 1).acquire().unwrap();
@@ -287,9 +300,7 @@ fn first_come_first_served_and_all_or_nothing_across_processes() {
         for (i, want) in wants.iter().enumerate() {
             let kid = Kid::spawn("turn", &url, ns, want);
             kid.expect("QUEUING", Duration::from_secs(30));
-            assert!(eventually(Duration::from_secs(10), || l
-                .limit("a")
-                .is_some_and(|info| info.waiters == i + 1)));
+            queued(&l, "a", i + 1);
             kids.push(kid);
         }
         // All or nothing: the waiter for b and a took nothing from b, and
@@ -320,23 +331,17 @@ fn first_come_first_served_and_all_or_nothing_across_processes() {
 #[test]
 fn a_killed_waiter_leaves_no_ticket() {
     watchdog(WATCHDOG * 2, || {
-        let Some(cluster) = shared_cluster_or_skip("a_killed_waiter") else {
+        let Some((url, l)) = namespace("a_killed_waiter", "killed_waiter") else {
             return;
         };
-        let url = cluster.url();
-        let l = connect(&url, "killed_waiter", Duration::from_secs(30));
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let held = l.concurrency("x", 1).acquire().unwrap();
         let kid = Kid::spawn("queue", &url, "killed_waiter", "");
         kid.expect("QUEUING", Duration::from_secs(30));
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("x")
-            .is_some_and(|i| i.waiters == 1)));
+        queued(&l, "x", 1);
         let killed = Instant::now();
         kid.signal("KILL");
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("x")
-            .is_some_and(|i| i.waiters == 0)));
+        queued(&l, "x", 0);
         eprintln!(
             "SIGKILLed waiter: its ticket gone after {:?}",
             killed.elapsed()
@@ -351,12 +356,10 @@ fn a_killed_waiter_leaves_no_ticket() {
 #[test]
 fn processes_take_turns_without_overlap() {
     watchdog(WATCHDOG * 4, || {
-        let Some(cluster) = shared_cluster_or_skip("processes_take_turns") else {
+        let ns = "turns";
+        let Some((url, l)) = namespace("processes_take_turns", ns) else {
             return;
         };
-        let url = cluster.url();
-        let ns = "turns";
-        let l = connect(&url, ns, Duration::from_secs(30));
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         l.create_limit("y", LimitConfig::new(2)).unwrap();
         let per = 15;
@@ -399,12 +402,10 @@ fn processes_take_turns_without_overlap() {
 #[test]
 fn a_frozen_process_keeps_its_slots_until_its_lease_expires() {
     watchdog(WATCHDOG * 2, || {
-        let Some(cluster) = shared_cluster_or_skip("a_frozen_process") else {
+        let ns = "frozen";
+        let Some((url, l)) = namespace("a_frozen_process", ns) else {
             return;
         };
-        let url = cluster.url();
-        let ns = "frozen";
-        let l = connect(&url, ns, Duration::from_secs(30));
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let kid = Kid::spawn("lease", &url, ns, "");
         kid.expect("HELD", Duration::from_secs(30));
@@ -434,20 +435,16 @@ fn a_frozen_process_keeps_its_slots_until_its_lease_expires() {
 #[test]
 fn a_cli_edit_reaches_waiters_in_two_processes() {
     watchdog(WATCHDOG * 2, || {
-        let Some(cluster) = shared_cluster_or_skip("a_cli_edit") else {
+        let ns = "cli_edit";
+        let Some((url, l)) = namespace("a_cli_edit", ns) else {
             return;
         };
-        let url = cluster.url();
-        let ns = "cli_edit";
-        let l = connect(&url, ns, Duration::from_secs(30));
         l.create_limit("p", LimitConfig::new(0)).unwrap();
         let kids: Vec<Kid> = (0..2).map(|_| Kid::spawn("paused", &url, ns, "")).collect();
         for kid in &kids {
             kid.expect("QUEUING", Duration::from_secs(30));
         }
-        assert!(eventually(Duration::from_secs(10), || l
-            .limit("p")
-            .is_some_and(|i| i.waiters == 2)));
+        queued(&l, "p", 2);
         let out = Command::new(env!("CARGO_BIN_EXE_turnstile"))
             .args([
                 "--db",
@@ -557,9 +554,7 @@ fn restart_case(cluster: &Cluster, mode: &str) {
             .acquire()
             .map(drop)
     });
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("x")
-        .is_some_and(|i| i.waiters == 1)));
+    queued(&l, "x", 1);
     // Traffic on another limit across the restart: every acquisition is
     // either wholly had or fails clearly, and nothing is left held.
     l.create_limit("busy", LimitConfig::new(2)).unwrap();

@@ -526,6 +526,13 @@ EXCEPTION WHEN unique_violation THEN
 END
 $$;
 
+-- The waiters queued on a limit, in ticket order.
+CREATE FUNCTION __NS__.queued_on(p_name text)
+RETURNS SETOF __NS__.waiters LANGUAGE sql STABLE AS $$
+    SELECT ws.* FROM __NS__.waiters ws JOIN __NS__.waiter_limits wl ON wl.ticket = ws.ticket
+     WHERE wl.name = p_name ORDER BY ws.ticket
+$$;
+
 -- Takes `p_name` out of the needs of every waiter queued on it (the limit
 -- was deactivated or deleted); strict waiters fail when it is deleted.
 -- Returns the tickets to look at again.
@@ -536,8 +543,7 @@ DECLARE
     tickets bigint[] := '{}';
 BEGIN
     FOR w IN
-        SELECT ws.* FROM __NS__.waiters ws JOIN __NS__.waiter_limits wl ON wl.ticket = ws.ticket
-         WHERE wl.name = p_name ORDER BY ws.ticket
+        SELECT * FROM __NS__.queued_on(p_name)
     LOOP
         IF p_deleted AND w.is_strict THEN
             PERFORM __NS__.fail(w.ticket, 'not_found', p_name, NULL, NULL);
@@ -571,8 +577,7 @@ DECLARE
 BEGIN
     SELECT * INTO l FROM __NS__.limits WHERE name = p_name;
     FOR w IN
-        SELECT ws.* FROM __NS__.waiters ws JOIN __NS__.waiter_limits wl ON wl.ticket = ws.ticket
-         WHERE wl.name = p_name ORDER BY ws.ticket
+        SELECT * FROM __NS__.queued_on(p_name)
     LOOP
         IF l.cap > 0 AND w.occupy > l.cap THEN
             PERFORM __NS__.fail(w.ticket, 'occupy', p_name, w.occupy, l.cap);
