@@ -336,10 +336,11 @@ impl Inner {
     }
 
     /// After a lost client: waits (within `deadline`) for the keeper to
-    /// register the next one.
+    /// notice and register the next one, without hammering the server in
+    /// the meantime.
     fn pause_until_registered(&self, deadline: Option<Instant>) {
+        thread::sleep(Duration::from_millis(20));
         let _ = self.registered(deadline);
-        thread::sleep(Duration::from_millis(1));
     }
 
     /// Gives a hold back now and returns once it is back; `false` if it was
