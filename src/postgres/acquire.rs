@@ -12,6 +12,8 @@ use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use postgres::types::Type;
+
 use super::wait::How;
 use super::{transient, HoldEntry, Inner, Job, Outcome, Remote};
 use crate::config::validate_name;
@@ -116,15 +118,15 @@ impl Inner {
                 c,
                 &sql,
                 &[
-                    &client,
-                    &req,
-                    &ask.names,
-                    &occupy,
-                    &ask.rate,
-                    &ask.strict,
-                    &ask.create,
-                    &max_retries,
-                    &queue,
+                    (&client, Type::INT8),
+                    (&req, Type::INT8),
+                    (&ask.names, Type::TEXT_ARRAY),
+                    (&occupy, Type::INT4),
+                    (&ask.rate, Type::BOOL),
+                    (&ask.strict, Type::BOOL),
+                    (&ask.create, Type::BOOL),
+                    (&max_retries, Type::INT4),
+                    (&queue, Type::BOOL),
                 ],
             )
         };
@@ -147,7 +149,7 @@ impl Inner {
     /// (`None`: still away at `deadline`).
     fn find(&self, client: i64, req: i64, deadline: Option<Instant>) -> Option<Outcome> {
         let sql = self.ns.sql("SELECT * FROM __NS__.find_request($1, $2)");
-        self.patiently(deadline, |c| self.outcome(c, &sql, &[&client, &req]))
+        self.patiently(deadline, |c| self.outcome_of(c, &sql, client, req))
     }
 
     /// Runs `f` until it succeeds or fails for good, pausing while the
@@ -241,7 +243,7 @@ impl Inner {
     /// decay instant). `None`: the database is away past `deadline`.
     fn look(&self, client: i64, ticket: i64, deadline: Option<Instant>) -> Option<Outcome> {
         let sql = self.ns.sql("SELECT * FROM __NS__.look($1, $2)");
-        self.patiently(deadline, |c| self.outcome(c, &sql, &[&client, &ticket]))
+        self.patiently(deadline, |c| self.outcome_of(c, &sql, client, ticket))
     }
 
     /// Gives up a queued waiter; a grant that came first is kept (it was
@@ -249,7 +251,7 @@ impl Inner {
     fn withdraw(&self, ask: &Ask, client: i64, ticket: i64, start: Instant) -> Option<First> {
         let sql = self.ns.sql("SELECT * FROM __NS__.withdraw($1, $2)");
         let out = self.patiently(Some(Instant::now() + Duration::from_millis(500)), |c| {
-            self.outcome(c, &sql, &[&client, &ticket])
+            self.outcome_of(c, &sql, client, ticket)
         });
         match out {
             Some(out) if out.outcome == "taken" || out.outcome == "error" => {
@@ -348,7 +350,7 @@ impl Inner {
     pub fn release_now(&self, client: i64, hold: i64) -> bool {
         let sql = self.ns.sql("SELECT * FROM __NS__.release($1, $2)");
         let out = self.patiently(Some(Instant::now() + self.lease), |c| {
-            self.outcome(c, &sql, &[&client, &hold])
+            self.outcome_of(c, &sql, client, hold)
         });
         matches!(out, Some(out) if out.outcome == "released")
     }

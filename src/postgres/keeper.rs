@@ -323,7 +323,7 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
         let deadline = Instant::now() + inner.lease;
         let mut pause = Duration::from_millis(20);
         loop {
-            match inner.pool.with(|c| inner.outcome(c, &sql, &[&client, &id])) {
+            match inner.pool.with(|c| inner.outcome_of(c, &sql, client, id)) {
                 Ok(out) => {
                     // A withdrawal that met a grant gives the grant back.
                     if withdraw && out.outcome == "taken" && out.id != 0 {
@@ -331,7 +331,7 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
                         let hold = out.id;
                         let _ = inner
                             .pool
-                            .with(|c| inner.outcome(c, &release, &[&client, &hold]));
+                            .with(|c| inner.outcome_of(c, &release, client, hold));
                     }
                     break;
                 }

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use postgres::error::SqlState;
+use postgres::types::Type;
 use postgres::Row;
 
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
@@ -359,15 +360,28 @@ impl Inner {
         Ok(rows.iter().map(info_of).collect())
     }
 
-    /// Calls one of the schema's functions returning an `outcome`.
+    /// Calls one of the schema's functions returning an `outcome`, with its
+    /// parameters' types given, so that the call is one round trip (no
+    /// statement to prepare first).
     pub fn outcome(
         &self,
         client: &mut postgres::Client,
         sql: &str,
-        params: &[&(dyn postgres::types::ToSql + Sync)],
+        params: &[(&(dyn postgres::types::ToSql + Sync), Type)],
     ) -> Result<Outcome, postgres::Error> {
-        let row = client.query_one(sql, params)?;
+        let row = client.query_typed_one(sql, params)?;
         Ok(Outcome::from_row(&row))
+    }
+
+    /// [`Inner::outcome`] of a function of a client and one of its ids.
+    pub fn outcome_of(
+        &self,
+        client: &mut postgres::Client,
+        sql: &str,
+        who: i64,
+        id: i64,
+    ) -> Result<Outcome, postgres::Error> {
+        self.outcome(client, sql, &[(&who, Type::INT8), (&id, Type::INT8)])
     }
 
     /// Marks every hold of the lost session lost and tells the observer,
