@@ -12,13 +12,18 @@
 //!   print their figures (`H`, `COUNT` lines) and `DONE`. Each scenario runs
 //!   [`RUNS`] times; the table shows the median run.
 //!
+//! Besides the table: the server's WAL flushes per case (`pg_stat_wal`,
+//! count and mean time: commit latency dominates everything here) and the
+//! server time of the busiest statements (`pg_stat_statements`).
+//! `TURNSTILE_BENCH_PG_SETTINGS=synchronous_commit=off` (any `name=value,...`)
+//! starts the cluster with extra settings, for experiments.
+//!
 //! Without PostgreSQL the bench prints `SKIPPED` and exits 0 (it panics
 //! under `CI`). The table is also saved as
 //! `target/criterion/turnstile-summary-shared.md`.
 
 mod common;
 #[path = "../tests/common/pg.rs"]
-#[allow(dead_code)]
 mod pg;
 
 use std::hint::black_box;
@@ -38,6 +43,8 @@ const URL_ENV: &str = "TURNSTILE_BENCH_URL";
 const NS_ENV: &str = "TURNSTILE_BENCH_NS";
 const ID_ENV: &str = "TURNSTILE_BENCH_ID";
 const ARGS_ENV: &str = "TURNSTILE_BENCH_ARGS";
+/// Extra settings for the cluster, `name=value,...` (experiments only).
+const SETTINGS_ENV: &str = "TURNSTILE_BENCH_PG_SETTINGS";
 
 /// Runs of each multi-second scenario; the table shows the median.
 const RUNS: usize = 3;
@@ -403,7 +410,84 @@ fn hand_overs(holds: &[Hold]) -> (f64, Vec<f64>, Vec<f64>) {
     (same as f64 / (holds.len() - 1) as f64, delays, calls)
 }
 
+/// The server's WAL flushes so far (`pg_stat_wal`, with
+/// `track_wal_io_timing`): how many, and the milliseconds spent in them.
+fn wal(url: &str) -> (i64, f64) {
+    // Backends report their counts when they end or at most once a second:
+    // let those of finished children arrive.
+    thread::sleep(Duration::from_millis(1100));
+    let mut c = postgres::Client::connect(
+        &format!("{url}?application_name=bench-monitor"),
+        postgres::NoTls,
+    )
+    .expect("connect");
+    let row = c
+        .query_one("SELECT wal_sync, wal_sync_time FROM pg_stat_wal", &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// The statements that took the server longest since the last call
+/// (`pg_stat_statements`, reset after reading): calls and mean execution
+/// time (the commit, and so the WAL flush, not included).
+fn statements(url: &str) -> String {
+    let mut c = postgres::Client::connect(
+        &format!("{url}?application_name=bench-monitor"),
+        postgres::NoTls,
+    )
+    .expect("connect");
+    let rows = c
+        .query(
+            "SELECT calls, mean_exec_time, regexp_replace(query, '^SELECT \\* FROM \"?[a-z_0-9]+\"?\\.', '') \
+             FROM pg_stat_statements WHERE query NOT ILIKE '%pg_stat_%' \
+             ORDER BY total_exec_time DESC LIMIT 4",
+            &[],
+        )
+        .unwrap_or_default();
+    let _ = c.execute("SELECT pg_stat_statements_reset()", &[]);
+    rows.iter()
+        .map(|r| {
+            let query: String = r.get(2);
+            let query: String = query.chars().take(40).collect();
+            format!(
+                "{query} {} × {:.3} ms",
+                r.get::<_, i64>(0),
+                r.get::<_, f64>(1)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One case's WAL flushes: (case, flushes, mean ms per flush, flushes per
+/// acquisition).
+type Flushes = (String, i64, f64, Option<f64>);
+
+fn flushes(
+    case: &str,
+    before: (i64, f64),
+    after: (i64, f64),
+    acquisitions: Option<u64>,
+) -> Flushes {
+    let n = after.0 - before.0;
+    let mean = if n > 0 {
+        (after.1 - before.1) / n as f64
+    } else {
+        0.0
+    };
+    (
+        case.to_string(),
+        n,
+        mean,
+        acquisitions.map(|a| n as f64 / a as f64),
+    )
+}
+
 struct Figures {
+    /// The statements of cases 2 and 3.
+    statements: String,
+    /// WAL flushes of each case.
+    flushes: Vec<Flushes>,
     /// Case 2: wall times (s) and fractions back to the releaser.
     contended: Vec<(f64, f64)>,
     /// Case 2's cross-process hand-off delays (ns), pooled.
@@ -424,6 +508,8 @@ struct Figures {
 
 fn scenarios(url: &str) -> Figures {
     let mut f = Figures {
+        statements: String::new(),
+        flushes: Vec::new(),
         contended: Vec::new(),
         contended_delays: Vec::new(),
         release_calls: Vec::new(),
@@ -434,6 +520,13 @@ fn scenarios(url: &str) -> Figures {
     };
 
     // 2. limit 1, 4 processes × 50, 10 ms each.
+    statements(url);
+    let mut mark = wal(url);
+    let mut next = |f: &mut Figures, case: &str, acquisitions: Option<u64>| {
+        let now = wal(url);
+        f.flushes.push(flushes(case, mark, now, acquisitions));
+        mark = wal(url);
+    };
     for run in 0..RUNS {
         let ns = format!("bench_contended_{run}");
         namespace(url, &ns, &[("c", LimitConfig::new(1))]);
@@ -451,6 +544,8 @@ fn scenarios(url: &str) -> Figures {
         f.release_calls.extend(calls);
     }
 
+    next(&mut f, "2", Some(200 * RUNS as u64));
+
     // 3. two processes taking turns: 2 × 25 holds of 10 ms.
     for run in 0..RUNS {
         let ns = format!("bench_handoff_{run}");
@@ -466,6 +561,9 @@ fn scenarios(url: &str) -> Figures {
         );
         f.handoff.extend(delays);
     }
+
+    next(&mut f, "3", Some(50 * RUNS as u64));
+    f.statements = statements(url);
 
     // 4. 8 processes, limit 4, zero hold, 3 s.
     for run in 0..RUNS {
@@ -485,6 +583,9 @@ fn scenarios(url: &str) -> Figures {
             .push((per_sec, max as f64 / min.max(1) as f64, max, min));
     }
 
+    let total = f.throughput.iter().map(|x| x.0 * 3.0).sum::<f64>() as u64;
+    next(&mut f, "4", Some(total));
+
     // 5. rate_limit, limit 1, decay 500/s, 1,000 calls over 4 processes.
     for run in 0..RUNS {
         let ns = format!("bench_rate_{run}");
@@ -497,6 +598,8 @@ fn scenarios(url: &str) -> Figures {
         eprintln!("case 5 run {run}: {:.3} s", wall.as_secs_f64());
         f.rate.push(wall.as_secs_f64());
     }
+
+    next(&mut f, "5", Some(1000 * RUNS as u64));
 
     // 6. one process, 100 threads waiting on a paused limit.
     f.idle = Some(idle_waiters(url));
@@ -591,10 +694,17 @@ fn main() {
     }
     let since = SystemTime::now();
     let cli = Cli::parse();
-    let cluster = match pg::Cluster::start_with(&[
+    // Extra server settings for experiments, `name=value,name=value` (e.g.
+    // `synchronous_commit=off` to see what is left without WAL flushes;
+    // the floor is then no longer durable).
+    let extra = std::env::var(SETTINGS_ENV).unwrap_or_default();
+    let mut settings: Vec<(&str, &str)> = vec![
         ("shared_preload_libraries", "pg_stat_statements"),
         ("pg_stat_statements.track", "top"),
-    ]) {
+        ("track_wal_io_timing", "on"),
+    ];
+    settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let cluster = match pg::Cluster::start_with(&settings) {
         Ok(cluster) => cluster,
         Err(why) => {
             if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
@@ -630,7 +740,9 @@ fn main() {
         .unwrap_or_default();
 
     let mut c = common::criterion();
+    let wal_start = wal(&url);
     let mut u = Uncontended::new(&url);
+    statements(&url);
     uncontended(&mut c, &mut u);
     c.final_summary();
     if !cli.measure {
@@ -638,6 +750,8 @@ fn main() {
     }
     let [i_ours, i_floor, i_select, i_unprepared] = interleaved(&mut u, 400);
     drop(u);
+    let case1 = flushes("1 (criterion + interleaved)", wal_start, wal(&url), None);
+    let case1_statements = statements(&url);
     let load_before = loadavg();
     let f = scenarios(&url);
 
@@ -745,7 +859,7 @@ fn main() {
         ("ideal", Some(2e9)),
         Target::AtMost(1.05),
     );
-    if let Some((conns, qps, tps)) = f.idle {
+    if let Some((conns, qps, _)) = f.idle {
         t.counts(
             "6. connections of one process with 100 waiting threads",
             ("", Some(conns as f64)),
@@ -758,19 +872,22 @@ fn main() {
             ("—", None),
             Target::None,
         );
-        t.rates(
-            "6. same: transactions/s (xact_commit) while idle",
-            ("", Some(tps)),
-            ("—", None),
-            Target::None,
-        );
     }
 
+    let idle_tps = f.idle.map_or(0.0, |x| x.2);
     let mut text = t.render(&format!(
         "turnstile shared limits on PostgreSQL: cases 1–6 ({RUNS} runs of 2–5, median run)"
     ));
     text += &format!("\nServer: {settings}\n");
-    text += &format!("Load average before / after: {load_before} / {}\n", loadavg());
+    text += &format!(
+        "Case 6, transactions/s by pg_stat_database.xact_commit over the same 5 s: \
+         {idle_tps:.1} (not to be trusted: backends report up to 10 s late, \
+         so the waiters' own queueing lands in the window)\n"
+    );
+    text += &format!(
+        "Load average before / after: {load_before} / {}\n",
+        loadavg()
+    );
     text += &format!(
         "Case 2 runs: {}\n",
         f.contended
@@ -795,6 +912,21 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    text += &format!("Server time per call, case 1 (pg_stat_statements): {case1_statements}\n");
+    text += &format!(
+        "Server time per call, cases 2–3 (pg_stat_statements): {}\n",
+        f.statements
+    );
+    text += "WAL flushes (pg_stat_wal, track_wal_io_timing): ";
+    text += &std::iter::once(&case1)
+        .chain(&f.flushes)
+        .map(|(case, n, mean, per)| {
+            let per = per.map_or(String::new(), |p| format!(", {p:.2} per acquisition"));
+            format!("case {case}: {n} × {mean:.3} ms{per}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    text.push('\n');
     println!("{text}");
     if let Some(path) = common::save("shared", &text) {
         println!("(saved to {})", path.display());
