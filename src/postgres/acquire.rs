@@ -310,6 +310,9 @@ impl Inner {
                     });
                 }
                 if flag.swap(false, Ordering::SeqCst) || wake.is_some_and(|w| now >= w) {
+                    if let Some(hold) = self.waits.take_grant(ticket) {
+                        break Some(Ok(Some(self.granted(ask, hold, client, start))));
+                    }
                     match self.look(client, ticket, deadline) {
                         None => continue, // deadline: withdraw above
                         Some(out) => match self.judge(ask, &out, client, epoch, start) {
@@ -484,6 +487,10 @@ impl Future for RemoteWait {
             }
             if q.flag.swap(false, Ordering::SeqCst) || q.wake.is_some_and(|w| now >= w) {
                 let (client, epoch, ticket) = (q.client, q.epoch, q.ticket);
+                if let Some(hold) = inner.waits.take_grant(ticket) {
+                    let grant = inner.granted(&this.ask, hold, client, start);
+                    return this.finish(Ok(Some(grant)));
+                }
                 match inner.look(client, ticket, Some(now + Duration::from_millis(200))) {
                     Some(out) => match inner.judge(&this.ask, &out, client, epoch, start) {
                         First::Done(done) => return this.finish(done),

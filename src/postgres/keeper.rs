@@ -267,7 +267,7 @@ fn lose(inner: &Inner) {
     inner.session_changed.notify_all();
 }
 
-/// A notification: `client ticket what`.
+/// A notification: `client ticket what [hold]`.
 fn dispatch(inner: &Inner, payload: &str) {
     let mut parts = payload.split(' ');
     let (Some(client), Some(ticket)) = (
@@ -280,10 +280,13 @@ fn dispatch(inner: &Inner, payload: &str) {
     if client != inner.session.lock().id {
         return;
     }
-    if what == "lost" {
-        lose(inner);
-    } else {
-        inner.waits.notify(ticket);
+    match what {
+        "lost" => lose(inner),
+        "granted" => {
+            let hold = parts.next().and_then(|p| p.parse::<i64>().ok());
+            inner.waits.notify(ticket, hold);
+        }
+        _ => inner.waits.notify(ticket, None),
     }
 }
 

@@ -88,6 +88,7 @@ CREATE TABLE __NS__.waiters (
     req          bigint NOT NULL
 );
 CREATE INDEX ON __NS__.waiters (client, req);
+CREATE INDEX ON __NS__.waiters (hold);
 
 -- A queued waiter as each of its limits sees it.
 CREATE TABLE __NS__.waiter_limits (
@@ -221,7 +222,11 @@ BEGIN
     END IF;
     UPDATE __NS__.waiters SET status = 'granted', hold = hold_id, granted_at = since
      WHERE ticket = w.ticket;
-    PERFORM __NS__.notify(w.client, w.ticket, 'done');
+    -- The grant itself travels with the notification (delivered once the
+    -- commit is durable), so the waiter need not ask for it; its row goes
+    -- with the hold's release (or, holding nothing, with its client's
+    -- next renewal after a lease), and answers a `look` until then.
+    PERFORM __NS__.notify(w.client, w.ticket, 'granted ' || coalesce(hold_id, 0));
     IF w.rate THEN
         -- Followers now wait on decay rather than on this reservation: let
         -- them set their timers.
@@ -487,6 +492,7 @@ BEGIN
         RETURNING l.name
     ) SELECT coalesce(array_agg(name), '{}') INTO names FROM gave;
     DELETE FROM __NS__.holds WHERE id = p_hold;
+    DELETE FROM __NS__.waiters WHERE hold = p_hold;
     PERFORM __NS__.pump(names, true, t);
     RETURN ROW('released', 0, NULL, NULL, NULL, NULL, NULL, secs)::__NS__.outcome;
 END
@@ -689,7 +695,15 @@ BEGIN
        SET lease_until = greatest(lease_until, t + make_interval(secs => lease)),
            session_start = CASE WHEN p_resumed THEN t ELSE session_start END
      WHERE id = p_id AND lease_until >= t;
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- Grants of nothing held (rate limits, inactive limits) told by
+    -- notification and never looked at.
+    DELETE FROM __NS__.waiters
+     WHERE client = p_id AND status = 'granted' AND hold IS NULL
+       AND granted_at < t - make_interval(secs => (SELECT lease FROM __NS__.clients WHERE id = p_id));
+    RETURN true;
 END
 $$;
 

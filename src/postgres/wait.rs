@@ -42,6 +42,9 @@ struct Inner {
     by_ticket: HashMap<i64, (Arc<AtomicBool>, How)>,
     mailbox: HashSet<i64>,
     order: VecDeque<i64>,
+    /// Grants told by notification (ticket to hold; 0: nothing held), kept
+    /// until their waiter takes them. Bounded as the mailbox is.
+    grants: HashMap<i64, i64>,
 }
 
 impl Waits {
@@ -66,14 +69,23 @@ impl Waits {
     pub fn unregister(&self, ticket: i64) -> Option<How> {
         let mut inner = self.inner.lock();
         inner.mailbox.remove(&ticket);
+        inner.grants.remove(&ticket);
         inner.by_ticket.remove(&ticket).map(|(_, how)| how)
     }
 
-    /// A notification for `ticket`: wakes its waiter, or keeps it for when
-    /// it registers.
-    pub fn notify(&self, ticket: i64) {
+    /// The grant told for `ticket` by notification, if any: its hold.
+    pub fn take_grant(&self, ticket: i64) -> Option<i64> {
+        self.inner.lock().grants.remove(&ticket)
+    }
+
+    /// A notification for `ticket` (with its grant's hold, if it tells
+    /// one): wakes its waiter, or keeps it for when it registers.
+    pub fn notify(&self, ticket: i64, grant: Option<i64>) {
         let how = {
             let mut inner = self.inner.lock();
+            if let Some(hold) = grant {
+                inner.grants.insert(ticket, hold);
+            }
             match inner.by_ticket.get(&ticket) {
                 Some((flag, how)) => {
                     flag.store(true, Ordering::SeqCst);
@@ -85,6 +97,7 @@ impl Waits {
                         while inner.order.len() > MAILBOX {
                             if let Some(old) = inner.order.pop_front() {
                                 inner.mailbox.remove(&old);
+                                inner.grants.remove(&old);
                             }
                         }
                     }
