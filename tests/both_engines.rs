@@ -263,6 +263,72 @@ fn missing_strict_inactive_paused(l: &Limiter) {
     drop(held);
 }
 
+fn failures_leave_nothing(l: &Limiter) {
+    // An acquisition that fails creates none of its missing limits.
+    l.create_limit("small", LimitConfig::new(1)).unwrap();
+    assert!(matches!(
+        l.concurrency(["brand_new", "small"], 5).try_acquire(),
+        Err(Error::OccupyExceedsLimit { .. })
+    ));
+    assert!(l.limit("brand_new").is_none());
+    // Deleting a limit fails its strict waiters all at once: the room one
+    // leaves is not handed to another that fails too (which would leak it).
+    l.create_limit("p", LimitConfig::new(1)).unwrap();
+    l.create_limit("q", LimitConfig::new(1)).unwrap();
+    l.create_limit("r", LimitConfig::new(5)).unwrap();
+    let q = l.concurrency("q", 1).acquire().unwrap();
+    let strict = |names: [&'static str; 2]| {
+        let l = l.clone();
+        thread::spawn(move || {
+            l.concurrency(names, 1)
+                .strict(true)
+                .timeout(Duration::from_secs(30))
+                .acquire()
+                .map(drop)
+        })
+    };
+    let w1 = strict(["p", "q"]);
+    queued(l, "p", 1);
+    let w2 = strict(["p", "r"]);
+    queued(l, "p", 2);
+    l.delete_limit("p").unwrap();
+    for w in [w1, w2] {
+        assert!(matches!(w.join().unwrap(), Err(Error::NotFound { .. })));
+    }
+    l.flush().unwrap();
+    assert_eq!(l.limit("r").unwrap().held_slots, 0, "r leaked a slot");
+    drop(q);
+}
+
+/// Many rate-limit waiters let in at once (one reset) are each granted.
+fn many_rate_waiters_at_once(l: &Limiter) {
+    l.create_limit("burst", LimitConfig::new(300).slot_decay_per_second(0.001))
+        .unwrap();
+    assert!(l.rate_limit("burst", 300).try_acquire().unwrap());
+    let mut futures: Vec<_> = (0..300)
+        .map(|_| Box::pin(l.rate_limit("burst", 1).into_future()))
+        .collect();
+    let waker = std::task::Waker::noop();
+    for f in &mut futures {
+        assert!(f
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_pending());
+    }
+    queued(l, "burst", 300);
+    l.reset_limit("burst").unwrap();
+    for f in &mut futures {
+        let got = loop {
+            match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+                std::task::Poll::Ready(got) => break got,
+                std::task::Poll::Pending => thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        got.unwrap();
+    }
+    assert_eq!(l.limit("burst").unwrap().waiters, 0);
+}
+
 fn retries_and_deactivation(l: &Limiter) {
     l.create_limit("r", LimitConfig::new(1)).unwrap();
     let held = l.concurrency("r", 1).acquire().unwrap();
@@ -371,6 +437,16 @@ fn timeout_and_cancel_leave_nothing_both() {
 #[test]
 fn missing_strict_inactive_paused_both() {
     both("missing", missing_strict_inactive_paused);
+}
+
+#[test]
+fn failures_leave_nothing_both() {
+    both("failures", failures_leave_nothing);
+}
+
+#[test]
+fn many_rate_waiters_at_once_both() {
+    both("many_rate", many_rate_waiters_at_once);
 }
 
 #[test]

@@ -132,14 +132,21 @@ impl Inner {
         };
         let out = match self.pool.with(call) {
             Ok(out) => out,
-            Err(e) if at_once || !transient(&e) => {
-                return First::Done(Err(self.db_error(e, &ask.joined())))
+            Err(e) if !transient(&e) => return First::Done(Err(self.db_error(e, &ask.joined()))),
+            // The reply may be lost while the call committed: undone in
+            // the background once the database answers.
+            Err(e) if at_once => {
+                self.send(Job::Abandon { client, req });
+                return First::Done(Err(self.db_error(e, &ask.joined())));
             }
             // The reply was lost: find out whether the call committed.
             Err(_) => match self.find(client, req, deadline) {
                 Some(out) if out.outcome != "gone" => out,
                 Some(_) => return First::Again,
-                None => return First::Done(Err(ask.timed_out(start.elapsed()))),
+                None => {
+                    self.send(Job::Abandon { client, req });
+                    return First::Done(Err(ask.timed_out(start.elapsed())));
+                }
             },
         };
         self.judge(ask, &out, client, epoch, start)
@@ -274,11 +281,18 @@ impl Inner {
         let deadline = ask.timeout.and_then(|t| start.checked_add(t));
         let queue = !try_only && ask.timeout != Some(Duration::ZERO);
         loop {
+            let since = self.waits.generation();
             let (client, epoch, ticket, mut wake) = match self
                 .first(ask, queue, try_only, start, deadline)
             {
                 First::Done(Ok(None)) if !try_only => return Err(ask.timed_out(start.elapsed())),
                 First::Done(done) => return done,
+                First::Again if try_only => {
+                    return Err(self.storage(
+                        "the database dropped this client (lease lost); reconnecting",
+                        None,
+                    ))
+                }
                 First::Again => {
                     self.pause_until_registered(deadline);
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -296,7 +310,7 @@ impl Inner {
             let flag = Arc::new(AtomicBool::new(false));
             drop(
                 self.waits
-                    .register(ticket, &flag, How::Thread(thread::current())),
+                    .register(ticket, since, &flag, How::Thread(thread::current())),
             );
             let done = loop {
                 if self.lost_since(epoch) {
@@ -316,6 +330,12 @@ impl Inner {
                     match self.look(client, ticket, deadline) {
                         None => continue, // deadline: withdraw above
                         Some(out) => match self.judge(ask, &out, client, epoch, start) {
+                            First::Done(Err(e)) => {
+                                // Failed on the server (already out of its queues)
+                                // or an error here: make sure.
+                                self.send(Job::Withdraw { client, ticket });
+                                break Some(Err(e));
+                            }
                             First::Done(done) => break Some(done),
                             First::Queued { wake_at, .. } => wake = wake_at,
                             First::Again => break None,
@@ -381,6 +401,8 @@ struct Queued {
     client: i64,
     epoch: u64,
     ticket: i64,
+    /// The waits' generation when it queued.
+    since: u64,
     wake: Option<Instant>,
     flag: Arc<AtomicBool>,
 }
@@ -442,6 +464,7 @@ impl Future for RemoteWait {
                     this.arm(at, cx);
                     return Poll::Pending;
                 }
+                let since = inner.waits.generation();
                 match inner.first(&this.ask, queue, false, start, deadline) {
                     First::Done(done) => return this.finish(done),
                     First::Again => {
@@ -455,15 +478,13 @@ impl Future for RemoteWait {
                         wake_at,
                     } => {
                         let flag = Arc::new(AtomicBool::new(false));
-                        drop(
-                            inner
-                                .waits
-                                .register(ticket, &flag, How::Task(cx.waker().clone())),
-                        );
+                        let how = How::Task(cx.waker().clone());
+                        drop(inner.waits.register(ticket, since, &flag, how));
                         this.queued = Some(Queued {
                             client,
                             epoch,
                             ticket,
+                            since,
                             wake: wake_at,
                             flag,
                         });
@@ -493,6 +514,11 @@ impl Future for RemoteWait {
                 }
                 match inner.look(client, ticket, Some(now + Duration::from_millis(200))) {
                     Some(out) => match inner.judge(&this.ask, &out, client, epoch, start) {
+                        First::Done(Err(e)) => {
+                            // Out of its queues on the server; make sure.
+                            inner.send(Job::Withdraw { client, ticket });
+                            return this.finish(Err(e));
+                        }
                         First::Done(done) => return this.finish(done),
                         First::Queued { wake_at, .. } => q.wake = wake_at,
                         First::Again => {
@@ -505,13 +531,10 @@ impl Future for RemoteWait {
                 }
             }
             // Re-registered each pending poll: the task's waker may change.
-            let (ticket, flag) = (q.ticket, q.flag.clone());
+            let (ticket, since, flag) = (q.ticket, q.since, q.flag.clone());
             let wake = q.wake;
-            drop(
-                inner
-                    .waits
-                    .register(ticket, &flag, How::Task(cx.waker().clone())),
-            );
+            let how = How::Task(cx.waker().clone());
+            drop(inner.waits.register(ticket, since, &flag, how));
             let until = match (deadline, wake) {
                 (Some(d), Some(w)) => Some(d.min(w)),
                 (d, w) => d.or(w),

@@ -34,15 +34,14 @@ impl Hold {
     }
 
     /// Gives the hold back; the names given back to, for the event, unless
-    /// nothing was held or the hold was lost.
+    /// nothing was held or the hold was lost. The release is sent even then:
+    /// `is_lost` is this host's estimate, and the server answers `lost`
+    /// (giving nothing) for a hold that is not the client's any more.
     pub fn give_back(self, inner: &Inner, wait: bool) -> Option<Vec<String>> {
         if self.hold == 0 {
             return None;
         }
-        let tracked = inner.holds.lock().remove(&self.hold).is_some();
-        if !tracked || self.is_lost(inner) {
-            return None;
-        }
+        let lost = inner.holds.lock().remove(&self.hold).is_none() || self.is_lost(inner);
         if wait {
             inner.release_now(self.client, self.hold);
         } else {
@@ -51,6 +50,6 @@ impl Hold {
                 hold: self.hold,
             });
         }
-        Some(self.names)
+        (!lost).then_some(self.names)
     }
 }

@@ -131,10 +131,9 @@ fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
     if existing != 0 {
         // A new session for the same client: its lock again, then the
         // server's word that it is still alive.
-        conn.execute(
-            "SELECT pg_advisory_lock($1, ($2::bigint)::int4)",
-            &[&key, &existing],
-        )?;
+        if !relock(inner, conn, existing)? {
+            return Ok(()); // stopping
+        }
         let sent = Instant::now();
         let alive: bool = conn
             .query_one(&inner.ns.sql("SELECT __NS__.renew($1, true)"), &[&existing])?
@@ -177,6 +176,37 @@ fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
             renew(inner, conn)?;
             next_renewal = Instant::now() + renew_every(inner.lease);
         }
+    }
+}
+
+/// Takes the client's lock again on a new session. The old session may
+/// still hold it (this side noticed the break first, the server has not
+/// yet): it is ended, as this client's own. `false` if the limiter stops
+/// meanwhile. The lease keeps running out while this waits.
+fn relock(inner: &Inner, conn: &mut Client, id: i64) -> Result<bool, postgres::Error> {
+    let key = inner.ns.key;
+    loop {
+        let got: bool = conn
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, ($2::bigint)::int4)",
+                &[&key, &id],
+            )?
+            .get(0);
+        if got {
+            return Ok(true);
+        }
+        if inner.stop.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+              WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
+                AND classid = ($1::int4)::oid AND objid = (($2::bigint)::int4)::oid \
+                AND objsubid = 2",
+            &[&key, &id],
+        )?;
+        expire_if_due(inner);
+        thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -321,6 +351,12 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
                 ticket,
                 true,
             ),
+            Job::Abandon { client, req } => (
+                "SELECT * FROM __NS__.abandon_request($1, $2)",
+                client,
+                req,
+                false,
+            ),
         };
         let sql = inner.ns.sql(sql);
         let deadline = Instant::now() + inner.lease;
@@ -338,7 +374,12 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
                     }
                     break;
                 }
-                Err(e) if transient(&e) && Instant::now() < deadline => {
+                // Stopping: the keeper's unregister gives everything back.
+                Err(e)
+                    if transient(&e)
+                        && Instant::now() < deadline
+                        && !inner.stop.load(Ordering::SeqCst) =>
+                {
                     thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));
                 }

@@ -106,8 +106,19 @@ pub(crate) struct HoldEntry {
 
 /// Background work sent by dropping threads, done on the releaser thread.
 pub(crate) enum Job {
-    Release { client: i64, hold: i64 },
-    Withdraw { client: i64, ticket: i64 },
+    Release {
+        client: i64,
+        hold: i64,
+    },
+    Withdraw {
+        client: i64,
+        ticket: i64,
+    },
+    /// A request whose reply was lost, given up on.
+    Abandon {
+        client: i64,
+        req: i64,
+    },
 }
 
 /// What the server answered to an acquisition, a look, a withdrawal or a

@@ -167,18 +167,30 @@ $$;
 
 -- Fails a queued waiter and lets those behind it move up; returns the
 -- limits whose queues it left.
-CREATE FUNCTION __NS__.fail(p_ticket bigint, p_err text, p_name text, p_a bigint, p_b bigint)
+CREATE FUNCTION __NS__.fail(p_ticket bigint, p_err text, p_name text, p_a bigint, p_b bigint,
+    p_pump boolean DEFAULT true)
 RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
-    names text[] := __NS__.unqueue(p_ticket);
+    names text[];
     w __NS__.waiters;
 BEGIN
+    -- Only a queued waiter can fail (one granted meanwhile keeps its grant).
+    SELECT * INTO w FROM __NS__.waiters WHERE ticket = p_ticket AND status = 'queued';
+    IF NOT FOUND THEN
+        RETURN '{}';
+    END IF;
+    -- Its client acts on the failure: it must survive a crash.
+    PERFORM set_config('synchronous_commit', 'on', true);
+    names := __NS__.unqueue(p_ticket);
     UPDATE __NS__.waiters SET status = 'failed', err = p_err, err_name = p_name,
         err_a = p_a, err_b = p_b
-    WHERE ticket = p_ticket RETURNING * INTO w;
+    WHERE ticket = p_ticket;
     PERFORM __NS__.notify(w.client, w.ticket, 'done');
-    -- Its reservations are gone: those behind it may fit now.
-    PERFORM __NS__.pump(names, false, clock_timestamp());
+    -- Its reservations are gone: those behind it may fit now (unless the
+    -- caller pumps once it has failed all it fails).
+    IF p_pump THEN
+        PERFORM __NS__.pump(names, false, clock_timestamp());
+    END IF;
     RETURN names;
 END
 $$;
@@ -227,11 +239,9 @@ BEGIN
     -- with the hold's release (or, holding nothing, with its client's
     -- next renewal after a lease), and answers a `look` until then.
     PERFORM __NS__.notify(w.client, w.ticket, 'granted ' || coalesce(hold_id, 0));
-    IF w.rate THEN
-        -- Followers now wait on decay rather than on this reservation: let
-        -- them set their timers.
-        PERFORM __NS__.pump(lims, false, t);
-    END IF;
+    -- A rate grant makes its followers wait on decay rather than on its
+    -- reservation: a pump looks at them after it in ticket order (never
+    -- from here, which would recurse once per waiter).
 END
 $$;
 
@@ -339,17 +349,13 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM __NS__.clients WHERE id = p_client) THEN
         RETURN ROW('lost', 0, NULL, NULL, NULL, NULL, NULL, NULL)::__NS__.outcome;
     END IF;
-    FOREACH n IN ARRAY p_names LOOP
-        IF NOT EXISTS (SELECT 1 FROM __NS__.limits WHERE name = n) THEN
-            IF p_strict THEN
+    IF p_strict THEN
+        FOREACH n IN ARRAY p_names LOOP
+            IF NOT EXISTS (SELECT 1 FROM __NS__.limits WHERE name = n) THEN
                 RETURN ROW('error', 0, 'not_found', n, NULL, NULL, NULL, NULL)::__NS__.outcome;
-            ELSIF p_create THEN
-                -- As Prefect's server did: inactive with limit 1.
-                INSERT INTO __NS__.limits (name, incarnation, cap, active, decay)
-                VALUES (n, nextval('__NS__.incarnations'), 1, false, 0);
             END IF;
-        END IF;
-    END LOOP;
+        END LOOP;
+    END IF;
     FOR lim IN SELECT * FROM __NS__.limits WHERE name = ANY (p_names) AND active ORDER BY name LOOP
         IF lim.cap > 0 AND p_occupy > lim.cap THEN
             RETURN ROW('error', 0, 'occupy', lim.name, p_occupy, lim.cap, NULL, NULL)::__NS__.outcome;
@@ -362,6 +368,14 @@ BEGIN
             fits := false;
         END IF;
     END LOOP;
+    IF p_create THEN
+        -- As Prefect's server did: inactive with limit 1 (after the checks:
+        -- an acquisition that fails creates nothing).
+        INSERT INTO __NS__.limits (name, incarnation, cap, active, decay)
+        SELECT missing, nextval('__NS__.incarnations'), 1, false, 0
+          FROM (SELECT DISTINCT n2 AS missing FROM unnest(p_names) AS n2
+                 WHERE NOT EXISTS (SELECT 1 FROM __NS__.limits WHERE name = n2)) m;
+    END IF;
     IF fits THEN
         IF p_rate THEN
             UPDATE __NS__.limits l
@@ -408,7 +422,8 @@ BEGIN
         RETURN ROW('gone', 0, NULL, NULL, NULL, NULL, NULL, NULL)::__NS__.outcome;
     END IF;
     IF w.status = 'granted' THEN
-        DELETE FROM __NS__.waiters WHERE ticket = p_ticket;
+        -- Kept, so that a retried look (its answer lost) says the same; it
+        -- goes with the hold's release, or after a lease.
         RETURN ROW('taken', coalesce(w.hold, 0), NULL, NULL, NULL, NULL, NULL,
                    greatest(extract(epoch FROM t - w.granted_at)::float8, 0))::__NS__.outcome;
     ELSIF w.status = 'failed' THEN
@@ -427,13 +442,19 @@ RETURNS __NS__.outcome LANGUAGE plpgsql AS $$
 DECLARE
     t timestamptz;
     w __NS__.waiters;
+    lims text[];
 BEGIN
     PERFORM pg_advisory_xact_lock(__KEY__, 0);
     PERFORM __NS__.relaxed();
     t := clock_timestamp();
     SELECT * INTO w FROM __NS__.waiters WHERE ticket = p_ticket AND client = p_client;
     IF FOUND AND w.status = 'queued' AND w.decay_at IS NOT NULL AND w.decay_at <= t THEN
+        lims := ARRAY(SELECT name FROM __NS__.waiter_limits WHERE ticket = p_ticket);
         PERFORM __NS__.consider(p_ticket, true, true, t);
+        IF w.rate THEN
+            -- Granted or not, its followers' decay instants moved.
+            PERFORM __NS__.pump(lims, false, t);
+        END IF;
     END IF;
     RETURN __NS__.look_at(p_client, p_ticket, t);
 END
@@ -450,7 +471,6 @@ DECLARE
     names text[];
 BEGIN
     PERFORM pg_advisory_xact_lock(__KEY__, 0);
-    PERFORM __NS__.relaxed();
     t := clock_timestamp();
     SELECT * INTO w FROM __NS__.waiters WHERE ticket = p_ticket AND client = p_client;
     IF FOUND AND w.status = 'queued' THEN
@@ -518,6 +538,25 @@ BEGIN
 END
 $$;
 
+-- Undoes request `p_req` of a client that gave up on it without knowing
+-- whether it happened (its reply was lost): its waiter withdrawn, its hold
+-- (granted at once or later) given back.
+CREATE FUNCTION __NS__.abandon_request(p_client bigint, p_req bigint)
+RETURNS __NS__.outcome LANGUAGE plpgsql AS $$
+DECLARE
+    tk bigint;
+    hold_id bigint;
+BEGIN
+    FOR tk IN SELECT ticket FROM __NS__.waiters WHERE client = p_client AND req = p_req LOOP
+        PERFORM __NS__.withdraw(p_client, tk);
+    END LOOP;
+    FOR hold_id IN SELECT id FROM __NS__.holds WHERE client = p_client AND req = p_req LOOP
+        PERFORM __NS__.release(p_client, hold_id);
+    END LOOP;
+    RETURN ROW('gone', 0, NULL, NULL, NULL, NULL, NULL, NULL)::__NS__.outcome;
+END
+$$;
+
 -- Management. Errors are raised with SQLSTATEs of our own: TS404 (no such
 -- limit), TS409 (exists), TS422 (invalid value).
 
@@ -536,7 +575,7 @@ $$;
 CREATE FUNCTION __NS__.queued_on(p_name text)
 RETURNS SETOF __NS__.waiters LANGUAGE sql STABLE AS $$
     SELECT ws.* FROM __NS__.waiters ws JOIN __NS__.waiter_limits wl ON wl.ticket = ws.ticket
-     WHERE wl.name = p_name ORDER BY ws.ticket
+     WHERE wl.name = p_name AND ws.status = 'queued' ORDER BY ws.ticket
 $$;
 
 -- Takes `p_name` out of the needs of every waiter queued on it (the limit
@@ -552,7 +591,7 @@ BEGIN
         SELECT * FROM __NS__.queued_on(p_name)
     LOOP
         IF p_deleted AND w.is_strict THEN
-            PERFORM __NS__.fail(w.ticket, 'not_found', p_name, NULL, NULL);
+            PERFORM __NS__.fail(w.ticket, 'not_found', p_name, NULL, NULL, false);
         ELSE
             DELETE FROM __NS__.waiter_limits WHERE ticket = w.ticket AND name = p_name;
             tickets := tickets || w.ticket;
@@ -651,6 +690,9 @@ BEGIN
         VALUES (p_name, nextval('__NS__.incarnations'), 1, false, 0);
     END IF;
     PERFORM __NS__.recheck(tickets, t);
+    -- The strict waiters failed above left room behind them (as one
+    -- pump after all the failures, as in one process).
+    PERFORM __NS__.pump(ARRAY(SELECT DISTINCT name FROM __NS__.waiter_limits), false, t);
 END
 $$;
 

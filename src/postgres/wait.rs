@@ -45,16 +45,32 @@ struct Inner {
     /// Grants told by notification (ticket to hold; 0: nothing held), kept
     /// until their waiter takes them. Bounded as the mailbox is.
     grants: HashMap<i64, i64>,
+    /// Counts `wake_all`s: a waiter that queued before one and registers
+    /// after it may have missed both its notification and the wake-up.
+    generation: u64,
 }
 
 impl Waits {
-    /// Registers (or re-registers, with a new waker) the waiter of `ticket`;
-    /// its flag is set if a notification came first. Returns the waker it
+    /// The count of `wake_all`s so far, read before a waiter's ticket is
+    /// taken.
+    pub fn generation(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
+    /// Registers (or re-registers, with a new waker) the waiter of `ticket`,
+    /// queued when the count of `wake_all`s was `since`; its flag is set if
+    /// a notification or a `wake_all` came first. Returns the waker it
     /// replaces, for the caller to drop.
     #[must_use]
-    pub fn register(&self, ticket: i64, flag: &Arc<AtomicBool>, how: How) -> Option<How> {
+    pub fn register(
+        &self,
+        ticket: i64,
+        since: u64,
+        flag: &Arc<AtomicBool>,
+        how: How,
+    ) -> Option<How> {
         let mut inner = self.inner.lock();
-        if inner.mailbox.remove(&ticket) {
+        if inner.mailbox.remove(&ticket) || inner.generation != since {
             flag.store(true, Ordering::SeqCst);
         }
         inner
@@ -114,7 +130,8 @@ impl Waits {
     /// a reconnection, a lost session, the limiter stopping).
     pub fn wake_all(&self) {
         let all: Vec<How> = {
-            let inner = self.inner.lock();
+            let mut inner = self.inner.lock();
+            inner.generation += 1;
             inner
                 .by_ticket
                 .values()
