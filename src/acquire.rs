@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::cell::Take;
+use crate::cell;
 use crate::clock::LazyNow;
 use crate::event::Event;
 use crate::guard::ConcurrencyGuard;
 use crate::limiter::{deliver, Limiter, Shared};
-use crate::names::Names;
+use crate::names::{IntoNames, Names};
 use crate::recent;
 use crate::registry::LimitId;
 use crate::state::{Begin, Look, Request};
@@ -220,20 +220,11 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
     let mut remember = None;
     if spec.kind == Kind::Concurrency {
         remember = recent::Key::new(shared.id, name);
-        if let Some(id) = remember.as_ref().and_then(recent::find) {
-            let cells = &shared.index.cells;
-            match cells.get(id.idx).map(|c| c.try_take(id.uid, spec.occupy)) {
-                Some(Take::Taken) => {
-                    if shared.store.is_some() {
-                        cells.mark(id.idx);
-                    }
-                    return Some(id);
-                }
-                // Free but without room: the general path queues or refuses.
-                Some(Take::Full) => return None,
-                // Claimed, or the name is another limit's now: the lock
-                // decides (and this thread remembers what it finds).
-                Some(Take::Ask) | None => {}
+        if let Some(key) = &remember {
+            match take_remembered(shared, key, spec.occupy) {
+                Found::Taken(id) => return Some(id),
+                Found::Full => return None,
+                Found::Ask => {}
             }
         }
     }
@@ -241,6 +232,37 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
         .state
         .lock()
         .take_one(name, spec.occupy, spec.kind, &mut now, remember)
+}
+
+/// The lock-free step of [`fast`]: takes held slots from the cell of the
+/// limit this thread last found under `key`'s name. `Ask` leaves the
+/// decision to the engine's lock.
+#[inline]
+fn take_remembered(shared: &Shared, key: &recent::Key, occupy: u32) -> Found {
+    let Some(id) = recent::find(key) else {
+        return Found::Ask;
+    };
+    let cells = &shared.index.cells;
+    match cells.get(id.idx).map(|c| c.try_take(id.uid, occupy)) {
+        Some(cell::Take::Taken) => {
+            if shared.store.is_some() {
+                cells.mark(id.idx);
+            }
+            Found::Taken(id)
+        }
+        // Free but without room: the general path queues or refuses.
+        Some(cell::Take::Full) => Found::Full,
+        // Claimed, or the name is another limit's now: the lock decides
+        // (and this thread remembers what it finds).
+        Some(cell::Take::Ask) | None => Found::Ask,
+    }
+}
+
+/// What [`take_remembered`] found.
+enum Found {
+    Taken(LimitId),
+    Full,
+    Ask,
 }
 
 /// Tells the observer what was taken.
@@ -395,7 +417,7 @@ impl<'a> IntoFuture for Acquire<'a> {
     type IntoFuture = AcquireFuture;
 
     fn into_future(self) -> AcquireFuture {
-        AcquireFuture(Waiting::new(&self.limiter.shared, self.spec))
+        AcquireFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
 
@@ -477,37 +499,39 @@ impl<'a> IntoFuture for RateLimit<'a> {
     type IntoFuture = RateLimitFuture;
 
     fn into_future(self) -> RateLimitFuture {
-        RateLimitFuture(Waiting::new(&self.limiter.shared, self.spec))
+        RateLimitFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
 
 /// The future of [`Acquire`]'s `.await`: resolves to a guard.
 ///
 /// Works under any executor; timeouts and decay waits use turnstile's own
-/// timer thread. Dropping it gives back anything it took.
+/// timer thread. Nothing is attempted before the first poll, and dropping it
+/// gives back anything it took. A task whose acquisitions all fit at once
+/// yields to the executor once every 128 of them (see the crate docs,
+/// *Async*).
 #[must_use = "futures do nothing unless polled"]
-pub struct AcquireFuture(Waiting);
+pub struct AcquireFuture(Attempt);
 
 /// The future of [`RateLimit`]'s `.await`.
 ///
-/// Works under any executor; dropping it gives back anything it took.
+/// Works under any executor; dropping it gives back anything it took. It
+/// yields as [`AcquireFuture`] does.
 #[must_use = "futures do nothing unless polled"]
-pub struct RateLimitFuture(Waiting);
+pub struct RateLimitFuture(Attempt);
 
 impl Future for AcquireFuture {
     type Output = Result<ConcurrencyGuard, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = &mut self.get_mut().0;
-        waiting.poll(cx).map(|taken| {
-            let taken = taken?;
-            let shared = waiting.shared.clone();
-            acquired(&shared, &taken, waiting.spec.occupy, Kind::Concurrency);
-            Ok(ConcurrencyGuard::new(
+        self.get_mut().0.poll(cx).map(|granted| {
+            let Granted {
                 shared,
-                taken.ids,
-                waiting.spec.occupy,
-            ))
+                taken,
+                occupy,
+            } = granted?;
+            acquired(&shared, &taken, occupy, Kind::Concurrency);
+            Ok(ConcurrencyGuard::new(shared, taken.ids, occupy))
         })
     }
 }
@@ -516,12 +540,12 @@ impl Future for RateLimitFuture {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = &mut self.get_mut().0;
-        waiting.poll(cx).map(|taken| {
+        self.get_mut().0.poll(cx).map(|granted| {
+            let granted = granted?;
             acquired(
-                &waiting.shared,
-                &taken?,
-                waiting.spec.occupy,
+                &granted.shared,
+                &granted.taken,
+                granted.occupy,
                 Kind::RateLimit,
             );
             Ok(())
@@ -532,7 +556,7 @@ impl Future for RateLimitFuture {
 impl fmt::Debug for AcquireFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("AcquireFuture")
-            .field(&self.0.ticket)
+            .field(&self.0.ticket())
             .finish()
     }
 }
@@ -540,8 +564,233 @@ impl fmt::Debug for AcquireFuture {
 impl fmt::Debug for RateLimitFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("RateLimitFuture")
-            .field(&self.0.ticket)
+            .field(&self.0.ticket())
             .finish()
+    }
+}
+
+/// Immediate grants in a row to one task on one thread, after which its
+/// next first poll yields once to the executor before it attempts anything.
+///
+/// A future that is ready at its first poll never returns to the executor,
+/// so a task looping on acquisitions that always fit would keep its worker
+/// thread forever, and the tasks queued behind it on that thread would never
+/// run (with 4 such tasks on 2 tokio workers, 2 of them made no acquisition
+/// at all). tokio's own resources charge a per-task budget that the runtime
+/// keeps; a limiter for every executor cannot see the runtime, so it
+/// recognises the task by its waker (the same data and vtable pointers) and
+/// counts on each thread the grants it made at first poll with no other
+/// task's acquisition in between and no wait. As tokio's, the budget is 128.
+const COOP_BUDGET: u32 = 128;
+
+/// The task ([`task_of`]) whose immediate grants this thread is counting.
+#[derive(Clone, Copy)]
+struct Streak {
+    task: (usize, usize),
+    grants: u32,
+}
+
+thread_local! {
+    static STREAK: std::cell::Cell<Streak> = const {
+        std::cell::Cell::new(Streak { task: (0, 0), grants: 0 })
+    };
+}
+
+/// A waker's identity: equal for the wakers of one task (as
+/// [`Waker::will_wake`](std::task::Waker::will_wake) compares them).
+#[inline]
+fn task_of(cx: &Context<'_>) -> (usize, usize) {
+    let waker = cx.waker();
+    (
+        waker.data() as usize,
+        waker.vtable() as *const std::task::RawWakerVTable as usize,
+    )
+}
+
+/// Counts a first attempt about to be made for `task`, as a grant; `true`
+/// when the task has used up its budget and must yield first (the count
+/// then starts again).
+#[inline]
+fn coop_spent(task: (usize, usize)) -> bool {
+    STREAK.with(|streak| {
+        let mut s = streak.get();
+        if s.task == task {
+            s.grants += 1;
+        } else {
+            s = Streak { task, grants: 1 };
+        }
+        let spent = s.grants > COOP_BUDGET;
+        if spent {
+            s.grants = 0;
+        }
+        streak.set(s);
+        spent
+    })
+}
+
+/// A first attempt that had to wait: the task returns to the executor
+/// anyway, so its count starts again.
+fn coop_waits() {
+    STREAK.with(|streak| {
+        let mut s = streak.get();
+        s.grants = 0;
+        streak.set(s);
+    });
+}
+
+/// What an async acquisition resolves with, before it becomes a guard.
+struct Granted {
+    shared: Arc<Shared>,
+    taken: Taken,
+    occupy: u32,
+}
+
+/// An async acquisition: its first attempt, then, if that did not settle
+/// it at once, the general path ([`Waiting`]).
+enum Attempt {
+    /// Not attempted yet: nothing taken, nobody queued.
+    First(First),
+    /// Past a first attempt that did not settle it on the uncontended path.
+    Waiting(Waiting),
+    /// Resolved on the uncontended path.
+    Done,
+}
+
+/// An async acquisition before its first attempt.
+struct First {
+    shared: Arc<Shared>,
+    name: Named,
+    occupy: u32,
+    kind: Kind,
+    opts: Options,
+    /// Has yielded to the executor once (see [`COOP_BUDGET`]): the next poll
+    /// attempts.
+    yielded: bool,
+}
+
+/// The names of an async acquisition before its first attempt.
+enum Named {
+    /// One name that the uncontended path may serve, kept inline in its key:
+    /// the future has no copy of it on the heap unless it must wait.
+    One(recent::Key),
+    /// Anything else (several names, a name longer than a key holds,
+    /// `occupy == 0`, an observer to tell): owned.
+    Names(Names<'static>),
+}
+
+impl Attempt {
+    fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Attempt {
+        let one = (shared.observer.is_none() && spec.occupy > 0)
+            .then(|| spec.names.single())
+            .flatten()
+            .and_then(|name| recent::Key::new(shared.id, name));
+        Attempt::First(First {
+            shared: shared.clone(),
+            name: match one {
+                Some(key) => Named::One(key),
+                None => Named::Names(spec.names.into_owned()),
+            },
+            occupy: spec.occupy,
+            kind: spec.kind,
+            opts: spec.opts,
+            yielded: false,
+        })
+    }
+
+    fn ticket(&self) -> Option<Ticket> {
+        match self {
+            Attempt::Waiting(waiting) => waiting.ticket,
+            Attempt::First(_) | Attempt::Done => None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Granted, Error>> {
+        let Attempt::First(first) = self else {
+            return self.poll_waiting(cx);
+        };
+        if !first.yielded && coop_spent(task_of(cx)) {
+            first.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let fast = first.fast();
+        let Attempt::First(first) = std::mem::replace(self, Attempt::Done) else {
+            unreachable!("matched above");
+        };
+        if let Some(id) = fast {
+            return Poll::Ready(Ok(Granted {
+                shared: first.shared,
+                taken: Taken {
+                    ids: Ids::from_elem(id, 1),
+                    waited: Duration::ZERO,
+                },
+                occupy: first.occupy,
+            }));
+        }
+        *self = Attempt::Waiting(first.into_waiting());
+        let poll = self.poll_waiting(cx);
+        if poll.is_pending() {
+            coop_waits();
+        }
+        poll
+    }
+
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Result<Granted, Error>> {
+        let Attempt::Waiting(waiting) = self else {
+            panic!("turnstile future polled after completion");
+        };
+        waiting.poll(cx).map(|taken| {
+            Ok(Granted {
+                shared: waiting.shared.clone(),
+                taken: taken?,
+                occupy: waiting.spec.occupy,
+            })
+        })
+    }
+}
+
+impl First {
+    /// [`fast`] for a future: the same lock-free take (or one lock), no
+    /// allocation, no clock read for a concurrency acquisition. `None`
+    /// leaves the first attempt to [`Waiting`], which decides and reports
+    /// exactly as if this had not been tried.
+    #[inline]
+    fn fast(&self) -> Option<LimitId> {
+        let Named::One(key) = &self.name else {
+            return None;
+        };
+        let mut remember = None;
+        if self.kind == Kind::Concurrency {
+            match take_remembered(&self.shared, key, self.occupy) {
+                Found::Taken(id) => return Some(id),
+                Found::Full => return None,
+                Found::Ask => remember = Some(*key),
+            }
+        }
+        key.with_name(|name| {
+            self.shared.state.lock().take_one(
+                name,
+                self.occupy,
+                self.kind,
+                &mut LazyNow::default(),
+                remember,
+            )
+        })
+    }
+
+    /// The general path, with owned names (a borrowed one is copied now).
+    fn into_waiting(self) -> Waiting {
+        let names = match self.name {
+            Named::One(key) => key.with_name(str::to_string).into_names(),
+            Named::Names(names) => names,
+        };
+        let spec = Spec {
+            names,
+            occupy: self.occupy,
+            kind: self.kind,
+            opts: self.opts,
+        };
+        Waiting::new(self.shared, spec)
     }
 }
 
@@ -557,15 +806,10 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Self {
+    fn new(shared: Arc<Shared>, spec: Spec<'static>) -> Self {
         Waiting {
-            shared: shared.clone(),
-            spec: Spec {
-                names: spec.names.into_owned(),
-                occupy: spec.occupy,
-                kind: spec.kind,
-                opts: spec.opts,
-            },
+            shared,
+            spec,
             start: None,
             ticket: None,
             timer: None,
