@@ -416,6 +416,7 @@ impl<'a> IntoFuture for Acquire<'a> {
     type Output = Result<ConcurrencyGuard, Error>;
     type IntoFuture = AcquireFuture;
 
+    #[inline(always)]
     fn into_future(self) -> AcquireFuture {
         AcquireFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
@@ -498,6 +499,7 @@ impl<'a> IntoFuture for RateLimit<'a> {
     type Output = Result<(), Error>;
     type IntoFuture = RateLimitFuture;
 
+    #[inline]
     fn into_future(self) -> RateLimitFuture {
         RateLimitFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
@@ -524,7 +526,16 @@ impl Future for AcquireFuture {
     type Output = Result<ConcurrencyGuard, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.get_mut().0.poll(cx).map(|granted| {
+        let attempt = &mut self.get_mut().0;
+        let first = match attempt.poll_first(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(First::Taken(shared, id, occupy)) => {
+                let ids = Ids::from_elem(id, 1);
+                return Poll::Ready(Ok(ConcurrencyGuard::new(shared, ids, occupy)));
+            }
+            Poll::Ready(First::General(first)) => first,
+        };
+        attempt.poll_general(cx, first).map(|granted| {
             let Granted {
                 shared,
                 taken,
@@ -540,7 +551,13 @@ impl Future for RateLimitFuture {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.get_mut().0.poll(cx).map(|granted| {
+        let attempt = &mut self.get_mut().0;
+        let first = match attempt.poll_first(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(First::Taken(..)) => return Poll::Ready(Ok(())),
+            Poll::Ready(First::General(first)) => first,
+        };
+        attempt.poll_general(cx, first).map(|granted| {
             let granted = granted?;
             acquired(
                 &granted.shared,
@@ -649,15 +666,17 @@ struct Granted {
 /// it at once, the general path ([`Waiting`]).
 enum Attempt {
     /// Not attempted yet: nothing taken, nobody queued.
-    First(First),
-    /// Past a first attempt that did not settle it on the uncontended path.
-    Waiting(Waiting),
+    Fresh(Fresh),
+    /// Past a first attempt that did not settle it on the uncontended path
+    /// (boxed: the future stays small to move, and this path allocates
+    /// anyway).
+    Waiting(Box<Waiting>),
     /// Resolved on the uncontended path.
     Done,
 }
 
 /// An async acquisition before its first attempt.
-struct First {
+struct Fresh {
     shared: Arc<Shared>,
     name: Named,
     occupy: u32,
@@ -674,21 +693,23 @@ enum Named {
     /// the future has no copy of it on the heap unless it must wait.
     One(recent::Key),
     /// Anything else (several names, a name longer than a key holds,
-    /// `occupy == 0`, an observer to tell): owned.
-    Names(Names<'static>),
+    /// `occupy == 0`, an observer to tell): owned, and boxed to keep the
+    /// future small.
+    Names(Box<Names<'static>>),
 }
 
 impl Attempt {
+    #[inline(always)]
     fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Attempt {
         let one = (shared.observer.is_none() && spec.occupy > 0)
             .then(|| spec.names.single())
             .flatten()
             .and_then(|name| recent::Key::new(shared.id, name));
-        Attempt::First(First {
+        Attempt::Fresh(Fresh {
             shared: shared.clone(),
             name: match one {
                 Some(key) => Named::One(key),
-                None => Named::Names(spec.names.into_owned()),
+                None => Named::Names(Box::new(spec.names.into_owned())),
             },
             occupy: spec.occupy,
             kind: spec.kind,
@@ -700,56 +721,65 @@ impl Attempt {
     fn ticket(&self) -> Option<Ticket> {
         match self {
             Attempt::Waiting(waiting) => waiting.ticket,
-            Attempt::First(_) | Attempt::Done => None,
+            Attempt::Fresh(_) | Attempt::Done => None,
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Granted, Error>> {
-        let Attempt::First(first) = self else {
-            return self.poll_waiting(cx);
+    /// The first attempt, on the uncontended path: `Pending` when the task
+    /// yields first (see [`COOP_BUDGET`]), `Ready(First::General(_))` when
+    /// this is past the first attempt or it did not settle the acquisition
+    /// (the general path then takes over).
+    #[inline]
+    fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<First> {
+        let Attempt::Fresh(fresh) = self else {
+            return Poll::Ready(First::General(false));
         };
-        if !first.yielded && coop_spent(task_of(cx)) {
-            first.yielded = true;
+        if !fresh.yielded && coop_spent(task_of(cx)) {
+            fresh.yielded = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let fast = first.fast();
-        let Attempt::First(first) = std::mem::replace(self, Attempt::Done) else {
+        let fast = fresh.fast();
+        let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
             unreachable!("matched above");
         };
-        if let Some(id) = fast {
-            return Poll::Ready(Ok(Granted {
-                shared: first.shared,
-                taken: Taken {
-                    ids: Ids::from_elem(id, 1),
-                    waited: Duration::ZERO,
-                },
-                occupy: first.occupy,
-            }));
-        }
-        *self = Attempt::Waiting(first.into_waiting());
-        let poll = self.poll_waiting(cx);
-        if poll.is_pending() {
-            coop_waits();
-        }
-        poll
+        Poll::Ready(match fast {
+            Some(id) => First::Taken(fresh.shared, id, fresh.occupy),
+            None => {
+                *self = Attempt::Waiting(Box::new(fresh.into_waiting()));
+                First::General(true)
+            }
+        })
     }
 
-    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Result<Granted, Error>> {
+    /// The general path ([`Waiting`]); `first`: its first poll.
+    fn poll_general(&mut self, cx: &mut Context<'_>, first: bool) -> Poll<Result<Granted, Error>> {
         let Attempt::Waiting(waiting) = self else {
             panic!("turnstile future polled after completion");
         };
-        waiting.poll(cx).map(|taken| {
+        let poll = waiting.poll(cx).map(|taken| {
             Ok(Granted {
                 shared: waiting.shared.clone(),
                 taken: taken?,
                 occupy: waiting.spec.occupy,
             })
-        })
+        });
+        if first && poll.is_pending() {
+            coop_waits();
+        }
+        poll
     }
 }
 
-impl First {
+/// How [`Attempt::poll_first`] ended.
+enum First {
+    /// Taken on the uncontended path, from one limit: `occupy` slots.
+    Taken(Arc<Shared>, LimitId, u32),
+    /// Left to the general path; `true` if this is its first poll.
+    General(bool),
+}
+
+impl Fresh {
     /// [`fast`] for a future: the same lock-free take (or one lock), no
     /// allocation, no clock read for a concurrency acquisition. `None`
     /// leaves the first attempt to [`Waiting`], which decides and reports
@@ -782,7 +812,7 @@ impl First {
     fn into_waiting(self) -> Waiting {
         let names = match self.name {
             Named::One(key) => key.with_name(str::to_string).into_names(),
-            Named::Names(names) => names,
+            Named::Names(names) => *names,
         };
         let spec = Spec {
             names,
@@ -911,5 +941,19 @@ impl Drop for Waiting {
                 .abandon(ticket, Instant::now(), &mut wakes);
             deliver(wakes);
         }
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!("AcquireFuture {} First {} Waiting {} Named {} Key {} Options {} Names {}",
+            std::mem::size_of::<super::AcquireFuture>(),
+            std::mem::size_of::<super::Fresh>(),
+            std::mem::size_of::<super::Waiting>(),
+            std::mem::size_of::<super::Named>(),
+            std::mem::size_of::<crate::recent::Key>(),
+            std::mem::size_of::<super::Options>(),
+            std::mem::size_of::<crate::names::Names<'static>>());
     }
 }
