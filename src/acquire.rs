@@ -595,52 +595,30 @@ impl fmt::Debug for RateLimitFuture {
 /// run (with 4 such tasks on 2 tokio workers, 2 of them made no acquisition
 /// at all). tokio's own resources charge a per-task budget that the runtime
 /// keeps; a limiter for every executor cannot see the runtime, so it
-/// recognises the task by its waker (the same data and vtable pointers) and
-/// counts on each thread the grants it made at first poll with no other
-/// task's acquisition in between and no wait. As tokio's, the budget is 128.
+/// recognises the task by its waker and counts on each thread the grants it
+/// made at first poll with no other task's acquisition in between and no
+/// wait. As tokio's, the budget is 128.
 const COOP_BUDGET: u32 = 128;
 
-/// The task ([`task_of`]) whose immediate grants this thread is counting.
-#[derive(Clone, Copy)]
-struct Streak {
-    task: (usize, usize),
-    grants: u32,
-}
-
 thread_local! {
-    static STREAK: std::cell::Cell<Streak> = const {
-        std::cell::Cell::new(Streak { task: (0, 0), grants: 0 })
-    };
+    /// The task whose immediate grants this thread is counting (its
+    /// waker's data pointer), and their number.
+    static STREAK: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((0, 0)) };
 }
 
-/// A waker's identity: equal for the wakers of one task (as
-/// [`Waker::will_wake`](std::task::Waker::will_wake) compares them).
-#[inline]
-fn task_of(cx: &Context<'_>) -> (usize, usize) {
-    let waker = cx.waker();
-    (
-        waker.data() as usize,
-        waker.vtable() as *const std::task::RawWakerVTable as usize,
-    )
-}
-
-/// Counts a first attempt about to be made for `task`, as a grant; `true`
-/// when the task has used up its budget and must yield first (the count
-/// then starts again).
-#[inline]
-fn coop_spent(task: (usize, usize)) -> bool {
+/// Counts a first attempt about to be made by the task of `cx`, as a grant;
+/// `true` when the task has used up its budget and must yield first (its
+/// count then starts again). A task is known by its waker's data pointer:
+/// the same for every poll of a task under tokio, `futures` and smol;
+/// wakers of two tasks that shared one would only make them yield sooner.
+#[inline(always)]
+fn coop_spent(cx: &Context<'_>) -> bool {
+    let task = cx.waker().data() as usize;
     STREAK.with(|streak| {
-        let mut s = streak.get();
-        if s.task == task {
-            s.grants += 1;
-        } else {
-            s = Streak { task, grants: 1 };
-        }
-        let spent = s.grants > COOP_BUDGET;
-        if spent {
-            s.grants = 0;
-        }
-        streak.set(s);
+        let (last, grants) = streak.get();
+        let grants = if last == task { grants + 1 } else { 1 };
+        let spent = grants > COOP_BUDGET;
+        streak.set((task, if spent { 0 } else { grants }));
         spent
     })
 }
@@ -648,11 +626,7 @@ fn coop_spent(task: (usize, usize)) -> bool {
 /// A first attempt that had to wait: the task returns to the executor
 /// anyway, so its count starts again.
 fn coop_waits() {
-    STREAK.with(|streak| {
-        let mut s = streak.get();
-        s.grants = 0;
-        streak.set(s);
-    });
+    STREAK.with(|streak| streak.set((streak.get().0, 0)));
 }
 
 /// What an async acquisition resolves with, before it becomes a guard.
@@ -729,12 +703,12 @@ impl Attempt {
     /// yields first (see [`COOP_BUDGET`]), `Ready(First::General(_))` when
     /// this is past the first attempt or it did not settle the acquisition
     /// (the general path then takes over).
-    #[inline]
+    #[inline(always)]
     fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<First> {
         let Attempt::Fresh(fresh) = self else {
             return Poll::Ready(First::General(false));
         };
-        if !fresh.yielded && coop_spent(task_of(cx)) {
+        if !fresh.yielded && coop_spent(cx) {
             fresh.yielded = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
@@ -784,7 +758,7 @@ impl Fresh {
     /// allocation, no clock read for a concurrency acquisition. `None`
     /// leaves the first attempt to [`Waiting`], which decides and reports
     /// exactly as if this had not been tried.
-    #[inline]
+    #[inline(always)]
     fn fast(&self) -> Option<LimitId> {
         let Named::One(key) = &self.name else {
             return None;
