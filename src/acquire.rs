@@ -917,17 +917,3 @@ impl Drop for Waiting {
         }
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!("AcquireFuture {} First {} Waiting {} Named {} Key {} Options {} Names {}",
-            std::mem::size_of::<super::AcquireFuture>(),
-            std::mem::size_of::<super::Fresh>(),
-            std::mem::size_of::<super::Waiting>(),
-            std::mem::size_of::<super::Named>(),
-            std::mem::size_of::<crate::recent::Key>(),
-            std::mem::size_of::<super::Options>(),
-            std::mem::size_of::<crate::names::Names<'static>>());
-    }
-}
