@@ -337,7 +337,12 @@ macro_rules! options {
 /// # Cancel safety
 ///
 /// Dropping the future of `.await` at any point, including the instant slots
-/// were granted to it, leaves nothing taken and nobody queued.
+/// were granted to it, leaves nothing taken and nobody queued. That includes
+/// the one poll in 128 at which a task whose acquisitions all fit at once
+/// yields to its executor (see the crate docs, *Cooperative scheduling*):
+/// that poll returns `Pending` before attempting anything, so a future
+/// dropped then has nothing to give back, and one polled again attempts at
+/// once.
 #[must_use = "an acquisition does nothing until .acquire(), .try_acquire() or .await"]
 pub struct Acquire<'a> {
     limiter: &'a Limiter,
@@ -425,7 +430,10 @@ impl<'a> IntoFuture for Acquire<'a> {
 /// A rate-limit acquisition, made by [`Limiter::rate_limit`]: it blocks until
 /// `occupy` slots fit on every named limit and takes them as decaying slots.
 ///
-/// Fair and cancel-safe as [`Acquire`]. A waiter held back only by decay is
+/// Fair and cancel-safe as [`Acquire`], and its future yields to the
+/// executor as [`Acquire`]'s does (see its `# Cancel safety`): a yielded
+/// `rate_limit(..).await` has taken no slots, so dropping it then costs no
+/// pace. A waiter held back only by decay is
 /// woken at the exact instant enough slots have drained, and charged from that
 /// instant, so timer lateness costs no pace.
 #[must_use = "a rate limit does nothing until .acquire(), .try_acquire() or .await"]
@@ -651,7 +659,8 @@ enum Attempt {
 
 /// An async acquisition before its first attempt.
 struct Fresh {
-    shared: Arc<Shared>,
+    /// Taken out when the uncontended path settles it.
+    shared: Option<Arc<Shared>>,
     name: Named,
     occupy: u32,
     kind: Kind,
@@ -680,7 +689,7 @@ impl Attempt {
             .flatten()
             .and_then(|name| recent::Key::new(shared.id, name));
         Attempt::Fresh(Fresh {
-            shared: shared.clone(),
+            shared: Some(shared.clone()),
             name: match one {
                 Some(key) => Named::One(key),
                 None => Named::Names(Box::new(spec.names.into_owned())),
@@ -713,17 +722,18 @@ impl Attempt {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let fast = fresh.fast();
+        if let Some(id) = fresh.fast() {
+            if let Some(shared) = fresh.shared.take() {
+                let occupy = fresh.occupy;
+                *self = Attempt::Done;
+                return Poll::Ready(First::Taken(shared, id, occupy));
+            }
+        }
         let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
             unreachable!("matched above");
         };
-        Poll::Ready(match fast {
-            Some(id) => First::Taken(fresh.shared, id, fresh.occupy),
-            None => {
-                *self = Attempt::Waiting(Box::new(fresh.into_waiting()));
-                First::General(true)
-            }
-        })
+        *self = Attempt::Waiting(Box::new(fresh.into_waiting()));
+        Poll::Ready(First::General(true))
     }
 
     /// The general path ([`Waiting`]); `first`: its first poll.
@@ -760,19 +770,19 @@ impl Fresh {
     /// exactly as if this had not been tried.
     #[inline(always)]
     fn fast(&self) -> Option<LimitId> {
-        let Named::One(key) = &self.name else {
+        let (Named::One(key), Some(shared)) = (&self.name, &self.shared) else {
             return None;
         };
         let mut remember = None;
         if self.kind == Kind::Concurrency {
-            match take_remembered(&self.shared, key, self.occupy) {
+            match take_remembered(shared, key, self.occupy) {
                 Found::Taken(id) => return Some(id),
                 Found::Full => return None,
                 Found::Ask => remember = Some(*key),
             }
         }
         key.with_name(|name| {
-            self.shared.state.lock().take_one(
+            shared.state.lock().take_one(
                 name,
                 self.occupy,
                 self.kind,
@@ -794,7 +804,7 @@ impl Fresh {
             kind: self.kind,
             opts: self.opts,
         };
-        Waiting::new(self.shared, spec)
+        Waiting::new(self.shared.expect("not taken"), spec)
     }
 }
 

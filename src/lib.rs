@@ -70,6 +70,48 @@
 //! # Ok::<(), turnstile::Error>(())
 //! ```
 //!
+//! Nothing happens before the first poll. That poll makes the same first
+//! attempt as the blocking form, on the same lock-free path when one name is
+//! asked for and fits: the future keeps a name of up to 40 bytes inline, so
+//! an `.await` that fits at once allocates nothing and reads no clock (a
+//! `String` name costs only the `String`). Measured on 2 shared cores (an
+//! `.await` plus the guard's release, medians): about 1.2× the blocking
+//! `acquire()` (76 ns against 63 ns; 2.1× before, 162 ns against 76 ns),
+//! and still about 2.3× tokio's `acquire().await` (33 ns), which has no
+//! names to look up. An acquisition that must wait, or that names several
+//! limits, owns its names and its queue entry on the heap.
+//!
+//! ### Cooperative scheduling
+//!
+//! A future that is ready at its first poll never returns to its executor,
+//! so a task looping on acquisitions that always fit would keep its worker
+//! thread to itself: with 4 tasks on a 2-thread tokio runtime looping on a
+//! limit of 4 with no hold, two tasks made no acquisition at all (fairness,
+//! the fewest acquisitions of a task over the most in a 50 ms window, 0.00
+//! in 40 windows of 40). tokio's own semaphore avoids this by charging the
+//! runtime's per-task budget, which only tokio can see; turnstile works
+//! under any executor, so it keeps a budget of its own: after **128**
+//! acquisitions in a row granted at first poll to one task on one thread (the
+//! task known by its waker, with no other task's acquisition and no wait in
+//! between), the next one returns `Pending` once, having woken its task,
+//! before it attempts anything. The task goes to the back of its executor's
+//! queue, like tokio's `yield_now`. With it, the same test gives a median
+//! fairness of 0.3 to 0.8 and a worst window of 0.1 to 0.2, and no window
+//! in which a task is starved (tokio's semaphore, same runs: medians 0.6 to
+//! 0.9, worst 0.07 to 0.56: the rest is how the runtime spreads tasks over
+//! its threads). It costs the uncontended `.await` about 14 instructions
+//! (1 to 2 ns) and one extra poll per 128 acquisitions. An optional `tokio`
+//! feature that spends tokio's own budget was not taken: it would tie the
+//! build to tokio's internals and help only under tokio.
+//!
+//! ### Cancel safety
+//!
+//! A future can be dropped at any point: before its first poll, after it
+//! yielded for the budget (it has taken nothing and is queued nowhere),
+//! while queued, or after slots were granted to it but before it was polled
+//! again (they go to the next waiter). It leaves nothing taken and nobody
+//! queued.
+//!
 //! ## Persistence
 //!
 //! [`Limiter::open`] keeps the limits in an SQLite file. Definitions are
