@@ -53,7 +53,11 @@ where
         let now = snapshot();
         let got: Vec<u64> = now.iter().zip(&last).map(|(a, b)| a - b).collect();
         let (min, max) = (got.iter().min().unwrap(), got.iter().max().unwrap());
-        fairness.push(if *max == 0 { 1.0 } else { *min as f64 / *max as f64 });
+        fairness.push(if *max == 0 {
+            1.0
+        } else {
+            *min as f64 / *max as f64
+        });
         last = now;
     }
     let total: u64 = last.iter().zip(&first).map(|(a, b)| a - b).sum();

@@ -165,7 +165,15 @@ mod tests {
 
     #[test]
     fn a_key_gives_its_name_back() {
-        for name in ["", "a", "gpu", "exactly8", "nine char", "ünïcödé €", &"z".repeat(LONGEST)] {
+        for name in [
+            "",
+            "a",
+            "gpu",
+            "exactly8",
+            "nine char",
+            "ünïcödé €",
+            &"z".repeat(LONGEST),
+        ] {
             let key = Key::new(1, name).expect("short enough");
             assert_eq!(key.with_name(str::to_string), name);
         }

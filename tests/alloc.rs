@@ -59,9 +59,9 @@ fn ready<F: IntoFuture>(fut: F) -> F::Output {
 }
 
 /// Heap use of each uncontended one-name path, `ROUNDS` calls each after
-/// one warm-up call: concurrency `try_acquire` + release, blocking `acquire`
-/// + release, `.await` + release (a `&str` name), `rate_limit` try on a
-/// bucket with room, and `rate_limit(..).await` there.
+/// one warm-up call: concurrency `try_acquire` and release, blocking
+/// `acquire` and release, `.await` and release (a `&str` name), `rate_limit`
+/// try on a bucket with room, and `rate_limit(..).await` there.
 struct HotPath {
     try_acquire: AllocationInfo,
     acquire: AllocationInfo,
@@ -183,11 +183,15 @@ fn what_other_async_acquisitions_allocate() {
             )
         };
         let string_name = per_call(&|| {
-            drop(black_box(ready(limiter.concurrency(black_box("a".to_string()), 1)).unwrap()));
+            drop(black_box(
+                ready(limiter.concurrency(black_box("a".to_string()), 1)).unwrap(),
+            ));
         });
         let string_made = per_call(&|| drop(black_box(black_box("a").to_string())));
         let two_names = per_call(&|| {
-            drop(black_box(ready(limiter.concurrency(black_box(["a", "b"]), 1)).unwrap()));
+            drop(black_box(
+                ready(limiter.concurrency(black_box(["a", "b"]), 1)).unwrap(),
+            ));
         });
         println!(
             ".await + drop, per call: a String name {:.1} allocations / {:.1} B \

@@ -564,7 +564,10 @@ fn tasks_looping_on_a_free_limit_take_turns_under_tokio_current_thread() {
         limiter.create_limit("free", LimitConfig::new(4)).unwrap();
         limiter.create_limit("other", LimitConfig::new(4)).unwrap();
         limiter
-            .create_limit("bucket", LimitConfig::new(u32::MAX).slot_decay_per_second(1e9))
+            .create_limit(
+                "bucket",
+                LimitConfig::new(u32::MAX).slot_decay_per_second(1e9),
+            )
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -634,9 +637,19 @@ fn a_future_that_yields_to_the_executor_holds_nothing() {
         }
         let mut fut = yielded.expect("a task granted at once 10,000 times in a row never yielded");
         assert!(flag.0.load(Ordering::SeqCst), "it woke its task");
-        assert_eq!(held_waiters(&limiter, "free"), (0, 0), "nothing taken or queued");
+        assert_eq!(
+            held_waiters(&limiter, "free"),
+            (0, 0),
+            "nothing taken or queued"
+        );
         // Another acquisition meanwhile is not held back by it.
-        drop(limiter.concurrency("free", 1).try_acquire().unwrap().expect("free"));
+        drop(
+            limiter
+                .concurrency("free", 1)
+                .try_acquire()
+                .unwrap()
+                .expect("free"),
+        );
         let guard = match poll_once(&mut fut, &waker) {
             Poll::Ready(guard) => guard.unwrap(),
             Poll::Pending => panic!("a yielded future must attempt when polled again"),
