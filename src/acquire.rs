@@ -659,7 +659,8 @@ enum Attempt {
 
 /// An async acquisition before its first attempt.
 struct Fresh {
-    /// Taken out when the uncontended path settles it.
+    /// Always `Some` until the uncontended path settles the acquisition and
+    /// takes it for the guard.
     shared: Option<Arc<Shared>>,
     name: Named,
     occupy: u32,
@@ -723,11 +724,12 @@ impl Attempt {
             return Poll::Pending;
         }
         if let Some(id) = fresh.fast() {
-            if let Some(shared) = fresh.shared.take() {
-                let occupy = fresh.occupy;
-                *self = Attempt::Done;
-                return Poll::Ready(First::Taken(shared, id, occupy));
-            }
+            // Taken out rather than moving the whole future out of the way:
+            // measurably cheaper on this path.
+            let shared = fresh.shared.take().expect("only taken here");
+            let occupy = fresh.occupy;
+            *self = Attempt::Done;
+            return Poll::Ready(First::Taken(shared, id, occupy));
         }
         let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
             unreachable!("matched above");
@@ -804,7 +806,7 @@ impl Fresh {
             kind: self.kind,
             opts: self.opts,
         };
-        Waiting::new(self.shared.expect("not taken"), spec)
+        Waiting::new(self.shared.expect("taken only when settled"), spec)
     }
 }
 
