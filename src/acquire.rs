@@ -86,7 +86,31 @@ impl<'a> Spec<'a> {
 /// Slots taken, from which limits, after how long a wait.
 struct Taken {
     ids: Ids,
+    /// Up to the grant, for a queued waiter.
     waited: Duration,
+    /// When a queued waiter was granted (its hold starts then); `None`:
+    /// taken by the caller itself, just now.
+    granted_at: Option<Instant>,
+}
+
+impl Taken {
+    /// Taken at the first attempt.
+    fn at_once(ids: Ids) -> Taken {
+        Taken {
+            ids,
+            waited: Duration::ZERO,
+            granted_at: None,
+        }
+    }
+
+    /// Granted at `at` to a waiter queued since `start`.
+    fn granted((ids, at): (Ids, Instant), start: Instant) -> Taken {
+        Taken {
+            ids,
+            waited: at.saturating_duration_since(start),
+            granted_at: Some(at),
+        }
+    }
 }
 
 /// How the caller wants a first attempt that does not fit handled.
@@ -138,23 +162,21 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
     let woken: OnceCell<Arc<AtomicBool>> = OnceCell::new();
     let wake = || Wake::Thread(thread::current(), woken.get_or_init(Arc::default).clone());
     let begin = loop {
+        let mut wakes = Wakes::new();
         let begin = shared.state.lock().begin(
             &spec.request(),
             &mut clock,
             queue.then_some(&wake as &dyn Fn() -> Wake),
-        )?;
-        match begin {
+            &mut wakes,
+        );
+        deliver(wakes);
+        match begin? {
             Begin::Create(names) => shared.create_missing(&names)?,
             begin => break begin,
         }
     };
     let (ticket, first) = match begin {
-        Begin::Taken(ids) => {
-            return Ok(Some(Taken {
-                ids,
-                waited: Duration::ZERO,
-            }))
-        }
+        Begin::Taken(ids) => return Ok(Some(Taken::at_once(ids))),
         Begin::Refused if mode == Mode::Try => return Ok(None),
         Begin::Refused => return Err(spec.timed_out(Duration::ZERO)),
         Begin::Queued { ticket, first } => (ticket, first),
@@ -175,13 +197,19 @@ fn run(shared: &Shared, spec: &Spec<'_>, mode: Mode) -> Result<Option<Taken>, Er
             .look(ticket, now, start, deadline, &mut wakes);
         deliver(wakes);
         match look {
-            Look::Done(done) => {
-                return done.map(|ids| {
-                    Some(Taken {
-                        ids,
-                        waited: now - start,
-                    })
-                })
+            Look::Done(done) => return done.map(|got| Some(Taken::granted(got, start))),
+            // A limit it waited for was deleted: created again as by a
+            // first attempt (`Begin::Create`), then it looks again.
+            Look::Create(names) => {
+                if let Err(err) = shared.create_missing(&names) {
+                    let mut wakes = Wakes::new();
+                    shared
+                        .state
+                        .lock()
+                        .abandon(ticket, Instant::now(), &mut wakes);
+                    deliver(wakes);
+                    return Err(err);
+                }
             }
             Look::Wait { at, first } => {
                 // Moved up to the head of the line (its predecessor was
@@ -373,6 +401,11 @@ impl<'a> Acquire<'a> {
     /// `occupy` while waiting), [`Error::InvalidOccupy`], [`Error::InvalidName`],
     /// [`Error::NotFound`] with `strict`.
     pub fn acquire(self) -> Result<ConcurrencyGuard, Error> {
+        #[cfg(feature = "postgres")]
+        if self.limiter.shared.remote.is_some() {
+            return remote::concurrency(&self.limiter.shared, &self.spec, false)
+                .map(|g| g.expect("blocking"));
+        }
         if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
             return Ok(self.fast_guard(id));
         }
@@ -388,6 +421,10 @@ impl<'a> Acquire<'a> {
     ///
     /// As [`Acquire::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<Option<ConcurrencyGuard>, Error> {
+        #[cfg(feature = "postgres")]
+        if self.limiter.shared.remote.is_some() {
+            return remote::concurrency(&self.limiter.shared, &self.spec, true);
+        }
         if let Some(id) = fast(&self.limiter.shared, &self.spec, LazyNow::default()) {
             return Ok(Some(self.fast_guard(id)));
         }
@@ -398,7 +435,12 @@ impl<'a> Acquire<'a> {
     fn guard(&self, taken: Taken) -> ConcurrencyGuard {
         let shared = &self.limiter.shared;
         acquired(shared, &taken, self.spec.occupy, Kind::Concurrency);
-        ConcurrencyGuard::new(shared.clone(), taken.ids, self.spec.occupy)
+        ConcurrencyGuard::granted(
+            shared.clone(),
+            taken.ids,
+            self.spec.occupy,
+            taken.granted_at,
+        )
     }
 
     fn fast_guard(&self, id: LimitId) -> ConcurrencyGuard {
@@ -423,6 +465,11 @@ impl<'a> IntoFuture for Acquire<'a> {
 
     #[inline(always)]
     fn into_future(self) -> AcquireFuture {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.limiter.shared.remote {
+            let wait = remote::wait(remote, &self.spec, false);
+            return AcquireFuture(Attempt::remote(&self.limiter.shared, wait));
+        }
         AcquireFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
@@ -465,6 +512,10 @@ impl<'a> RateLimit<'a> {
     /// whose `slot_decay_per_second` is 0.
     pub fn acquire(self) -> Result<(), Error> {
         let shared = &self.limiter.shared;
+        #[cfg(feature = "postgres")]
+        if shared.remote.is_some() {
+            return remote::rate(shared, &self.spec, false).map(|_| ());
+        }
         if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
             return Ok(());
         }
@@ -480,6 +531,10 @@ impl<'a> RateLimit<'a> {
     /// As [`RateLimit::acquire`], but never a timeout.
     pub fn try_acquire(self) -> Result<bool, Error> {
         let shared = &self.limiter.shared;
+        #[cfg(feature = "postgres")]
+        if shared.remote.is_some() {
+            return remote::rate(shared, &self.spec, true);
+        }
         if fast(shared, &self.spec, LazyNow::at(Instant::now())).is_some() {
             return Ok(true);
         }
@@ -509,6 +564,11 @@ impl<'a> IntoFuture for RateLimit<'a> {
 
     #[inline]
     fn into_future(self) -> RateLimitFuture {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.limiter.shared.remote {
+            let wait = remote::wait(remote, &self.spec, true);
+            return RateLimitFuture(Attempt::remote(&self.limiter.shared, wait));
+        }
         RateLimitFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
@@ -535,6 +595,13 @@ impl Future for AcquireFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let attempt = &mut self.get_mut().0;
+        #[cfg(feature = "postgres")]
+        if let Attempt::Remote(on) = attempt {
+            let (shared, wait) = &mut **on;
+            return Pin::new(&mut *wait)
+                .poll(cx)
+                .map(|grant| Ok(remote::guard(shared, grant?, wait.ask())));
+        }
         let first = match attempt.poll_first(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(First::Taken(shared, id, occupy)) => {
@@ -550,7 +617,12 @@ impl Future for AcquireFuture {
                 occupy,
             } = granted?;
             acquired(&shared, &taken, occupy, Kind::Concurrency);
-            Ok(ConcurrencyGuard::new(shared, taken.ids, occupy))
+            Ok(ConcurrencyGuard::granted(
+                shared,
+                taken.ids,
+                occupy,
+                taken.granted_at,
+            ))
         })
     }
 }
@@ -560,6 +632,14 @@ impl Future for RateLimitFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let attempt = &mut self.get_mut().0;
+        #[cfg(feature = "postgres")]
+        if let Attempt::Remote(on) = attempt {
+            let (shared, wait) = &mut **on;
+            return Pin::new(&mut *wait).poll(cx).map(|grant| {
+                remote::rate_acquired(shared, &grant?, wait.ask());
+                Ok(())
+            });
+        }
         let first = match attempt.poll_first(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(First::Taken(..)) => return Poll::Ready(Ok(())),
@@ -578,19 +658,27 @@ impl Future for RateLimitFuture {
     }
 }
 
+impl fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attempt::Fresh(_) => f.write_str("Fresh"),
+            Attempt::Waiting(waiting) => f.debug_tuple("Local").field(&waiting.ticket).finish(),
+            Attempt::Done => f.write_str("Done"),
+            #[cfg(feature = "postgres")]
+            Attempt::Remote(..) => f.write_str("Shared"),
+        }
+    }
+}
+
 impl fmt::Debug for AcquireFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("AcquireFuture")
-            .field(&self.0.ticket())
-            .finish()
+        f.debug_tuple("AcquireFuture").field(&self.0).finish()
     }
 }
 
 impl fmt::Debug for RateLimitFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("RateLimitFuture")
-            .field(&self.0.ticket())
-            .finish()
+        f.debug_tuple("RateLimitFuture").field(&self.0).finish()
     }
 }
 
@@ -655,6 +743,10 @@ enum Attempt {
     Waiting(Box<Waiting>),
     /// Resolved on the uncontended path.
     Done,
+    /// On shared limits (PostgreSQL): the remote engine's wait (boxed: the
+    /// local future stays small).
+    #[cfg(feature = "postgres")]
+    Remote(Box<(Arc<Shared>, crate::postgres::acquire::RemoteWait)>),
 }
 
 /// An async acquisition before its first attempt.
@@ -702,11 +794,11 @@ impl Attempt {
         })
     }
 
-    fn ticket(&self) -> Option<Ticket> {
-        match self {
-            Attempt::Waiting(waiting) => waiting.ticket,
-            Attempt::Fresh(_) | Attempt::Done => None,
-        }
+    /// An acquisition on shared limits: the remote engine waits.
+    #[cfg(feature = "postgres")]
+    #[inline(never)]
+    fn remote(shared: &Arc<Shared>, wait: crate::postgres::acquire::RemoteWait) -> Attempt {
+        Attempt::Remote(Box::new((shared.clone(), wait)))
     }
 
     /// The first attempt, on the uncontended path: `Pending` when the task
@@ -844,11 +936,14 @@ impl Waiting {
                 let waker = cx.waker();
                 let wake = || Wake::Task(waker.clone());
                 let begin = loop {
+                    let mut wakes = Wakes::new();
                     let begin = self.shared.state.lock().begin(
                         &self.spec.request(),
                         &mut LazyNow::at(now),
                         self.spec.waits().then_some(&wake as &dyn Fn() -> Wake),
+                        &mut wakes,
                     );
+                    deliver(wakes);
                     match begin {
                         // Rare (a missing name with a store): a short
                         // blocking commit inside poll.
@@ -862,12 +957,7 @@ impl Waiting {
                 };
                 match begin {
                     Err(err) => return self.finish(Err(err)),
-                    Ok(Begin::Taken(ids)) => {
-                        return self.finish(Ok(Taken {
-                            ids,
-                            waited: Duration::ZERO,
-                        }))
-                    }
+                    Ok(Begin::Taken(ids)) => return self.finish(Ok(Taken::at_once(ids))),
                     Ok(Begin::Refused) => {
                         return self.finish(Err(self.spec.timed_out(Duration::ZERO)))
                     }
@@ -879,21 +969,32 @@ impl Waiting {
                 }
             }
         };
-        let mut wakes = Wakes::new();
-        let look = {
-            let mut state = self.shared.state.lock();
-            state.set_waker(ticket, cx.waker());
-            state.look(ticket, now, start, deadline, &mut wakes)
+        let look = loop {
+            let mut wakes = Wakes::new();
+            let look = {
+                let mut state = self.shared.state.lock();
+                state.set_waker(ticket, cx.waker(), &mut wakes);
+                state.look(ticket, now, start, deadline, &mut wakes)
+            };
+            deliver(wakes);
+            match look {
+                // As `run`: a limit it waited for was deleted; create it
+                // again (a short blocking commit inside poll with a store).
+                Look::Create(names) => {
+                    if let Err(err) = self.shared.create_missing(&names) {
+                        self.abandon();
+                        return self.finish(Err(err));
+                    }
+                }
+                look => break look,
+            }
         };
-        deliver(wakes);
         match look {
             Look::Done(done) => {
                 self.ticket = None;
-                self.finish(done.map(|ids| Taken {
-                    ids,
-                    waited: now - start,
-                }))
+                self.finish(done.map(|got| Taken::granted(got, start)))
             }
+            Look::Create(_) => unreachable!("handled above"),
             Look::Wait { at, .. } => {
                 // Re-armed at every pending poll: the task's waker may change.
                 if let Some(old) = self.timer.take() {
@@ -912,13 +1013,9 @@ impl Waiting {
         }
         Poll::Ready(result)
     }
-}
 
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if let Some(key) = self.timer.take() {
-            timer().cancel(key);
-        }
+    /// Gives up its place, and anything granted to it and not yet seen.
+    fn abandon(&mut self) {
         if let Some(ticket) = self.ticket.take() {
             let mut wakes = Wakes::new();
             self.shared
@@ -927,5 +1024,105 @@ impl Drop for Waiting {
                 .abandon(ticket, Instant::now(), &mut wakes);
             deliver(wakes);
         }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(key) = self.timer.take() {
+            timer().cancel(key);
+        }
+        self.abandon();
+    }
+}
+
+/// The builders' way to shared limits on PostgreSQL.
+#[cfg(feature = "postgres")]
+mod remote {
+    use std::sync::Arc;
+
+    use super::Spec;
+    use crate::event::Event;
+    use crate::guard::ConcurrencyGuard;
+    use crate::limiter::Shared;
+    use crate::postgres::acquire::{Ask, Grant, RemoteWait};
+    use crate::postgres::guard::Hold;
+    use crate::postgres::Remote;
+    use crate::waiters::Kind;
+    use crate::Error;
+
+    fn ask(spec: &Spec<'_>) -> Ask {
+        let mut names: Vec<String> = Vec::new();
+        for name in spec.names.iter() {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        Ask {
+            names,
+            occupy: spec.occupy,
+            rate: spec.kind == Kind::RateLimit,
+            strict: spec.opts.strict,
+            create: spec.opts.create_if_missing,
+            max_retries: spec.opts.max_retries,
+            timeout: spec.opts.timeout,
+        }
+    }
+
+    fn remote(shared: &Shared) -> &Arc<Remote> {
+        shared.remote.as_ref().expect("a shared limiter")
+    }
+
+    /// A guard for a grant, told to the observer.
+    pub(super) fn guard(shared: &Arc<Shared>, grant: Grant, ask: &Ask) -> ConcurrencyGuard {
+        if grant.hold != 0 {
+            shared.emit(|| Event::Acquired {
+                names: ask.names.clone(),
+                occupy: ask.occupy,
+                waited: grant.waited,
+                rate_limit: false,
+            });
+        }
+        let hold = Hold {
+            client: grant.client,
+            hold: grant.hold,
+            lost: grant.lost,
+            names: ask.names.clone(),
+        };
+        ConcurrencyGuard::remote(shared.clone(), ask.occupy, hold)
+    }
+
+    pub(super) fn rate_acquired(shared: &Shared, grant: &Grant, ask: &Ask) {
+        shared.emit(|| Event::Acquired {
+            names: ask.names.clone(),
+            occupy: ask.occupy,
+            waited: grant.waited,
+            rate_limit: true,
+        });
+    }
+
+    pub(super) fn concurrency(
+        shared: &Arc<Shared>,
+        spec: &Spec<'_>,
+        try_only: bool,
+    ) -> Result<Option<ConcurrencyGuard>, Error> {
+        let ask = ask(spec);
+        let grant = remote(shared).inner.acquire(&ask, try_only)?;
+        Ok(grant.map(|g| guard(shared, g, &ask)))
+    }
+
+    pub(super) fn rate(shared: &Shared, spec: &Spec<'_>, try_only: bool) -> Result<bool, Error> {
+        let ask = ask(spec);
+        match remote(shared).inner.acquire(&ask, try_only)? {
+            Some(grant) => {
+                rate_acquired(shared, &grant, &ask);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    pub(super) fn wait(remote: &Arc<Remote>, spec: &Spec<'_>, _rate: bool) -> RemoteWait {
+        RemoteWait::new(remote.clone(), ask(spec))
     }
 }

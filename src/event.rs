@@ -32,6 +32,16 @@ pub enum Event {
         /// How long they were held.
         held: Duration,
     },
+    /// Shared limits only: a guard's lease expired (its process was cut off
+    /// from the database for longer than the lease), so its slots may be
+    /// someone else's now. Emitted once per guard, on the limiter's
+    /// background thread; the guard's `is_lost()` is then `true`.
+    LeaseLost {
+        /// The limits whose slots it held.
+        names: Vec<String>,
+        /// Slots it held on each.
+        occupy: u32,
+    },
 }
 
 /// The observer, shared by every clone of a limiter.

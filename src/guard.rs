@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::clock::Stamp;
 use crate::event::Event;
@@ -22,7 +22,14 @@ pub struct ConcurrencyGuard {
     /// When the guard was made, on the cheap clock: hold times feed only the
     /// occupancy average (floored at 0.1 s per slot) and `release`'s answer.
     acquired_at: Stamp,
+    /// How long the slots had been held when the guard was made: those
+    /// granted to a queued waiter are its from the grant, not from when its
+    /// thread or task got round to taking them.
+    held_before: Duration,
     released: bool,
+    /// A hold on the PostgreSQL server, for shared limits.
+    #[cfg(feature = "postgres")]
+    remote: Option<crate::postgres::guard::Hold>,
 }
 
 impl ConcurrencyGuard {
@@ -33,13 +40,80 @@ impl ConcurrencyGuard {
             ids,
             occupy,
             acquired_at: Stamp::now(),
+            held_before: Duration::ZERO,
             released: false,
+            #[cfg(feature = "postgres")]
+            remote: None,
         }
     }
 
-    /// Gives the slots back now and returns how long they were held.
+    /// A guard of a hold on the PostgreSQL server.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn remote(
+        shared: Arc<Shared>,
+        occupy: u32,
+        hold: crate::postgres::guard::Hold,
+    ) -> Self {
+        let mut guard = ConcurrencyGuard::new(shared, Ids::new(), occupy);
+        guard.remote = Some(hold);
+        guard
+    }
+
+    /// Whether the guard's slots may be someone else's now: its limiter's
+    /// lease on the database of shared limits expired (its process was cut
+    /// off for longer than the lease) and the server gave them to others.
+    /// Always `false` in one process.
+    pub fn is_lost(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if let (Some(hold), Some(remote)) = (&self.remote, &self.shared.remote) {
+            return hold.is_lost(&remote.inner);
+        }
+        false
+    }
+
+    /// A guard for slots granted at `granted_at` (a queued waiter's, handed
+    /// to it by whoever made room), its hold time counted from then.
+    pub(crate) fn granted(
+        shared: Arc<Shared>,
+        ids: Ids,
+        occupy: u32,
+        granted_at: Option<Instant>,
+    ) -> Self {
+        let mut guard = Self::new(shared, ids, occupy);
+        if let Some(at) = granted_at {
+            guard.held_before = Instant::now().saturating_duration_since(at);
+        }
+        guard
+    }
+
+    /// Gives the slots back now and returns how long they were held. For
+    /// shared limits, returns once the slots are back on the server.
     pub fn release(mut self) -> Duration {
+        #[cfg(feature = "postgres")]
+        if self.remote.is_some() {
+            return self.give_back_remote(true);
+        }
         self.give_back()
+    }
+
+    /// Gives a shared hold back: now (`wait`), or sent in the background.
+    #[cfg(feature = "postgres")]
+    fn give_back_remote(&mut self, wait: bool) -> Duration {
+        if std::mem::replace(&mut self.released, true) {
+            return Duration::ZERO;
+        }
+        let held = self.held_for();
+        let (Some(hold), Some(remote)) = (self.remote.take(), self.shared.remote.clone()) else {
+            return held;
+        };
+        if let Some(names) = hold.give_back(&remote.inner, wait) {
+            self.shared.emit(|| Event::Released {
+                names,
+                occupy: self.occupy,
+                held,
+            });
+        }
+        held
     }
 
     /// Slots held on each limit.
@@ -49,7 +123,7 @@ impl ConcurrencyGuard {
 
     /// How long the slots have been held so far.
     pub fn held_for(&self) -> Duration {
-        self.acquired_at.elapsed()
+        self.held_before + self.acquired_at.elapsed()
     }
 
     fn give_back(&mut self) -> Duration {
@@ -102,6 +176,11 @@ impl ConcurrencyGuard {
 
 impl Drop for ConcurrencyGuard {
     fn drop(&mut self) {
+        #[cfg(feature = "postgres")]
+        if self.remote.is_some() {
+            self.give_back_remote(false);
+            return;
+        }
         self.give_back();
     }
 }

@@ -159,6 +159,8 @@ mod event;
 mod guard;
 mod limiter;
 mod names;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod recent;
 mod registry;
 mod slots;

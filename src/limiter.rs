@@ -24,6 +24,10 @@ pub(crate) struct Shared {
     pub observer: Option<Observer>,
     /// The SQLite store, if any; dropping it flushes and stops its writer.
     pub store: Option<Store>,
+    /// Shared limits on PostgreSQL, if connected: then every operation goes
+    /// to the server, and the in-process engine above stays empty.
+    #[cfg(feature = "postgres")]
+    pub remote: Option<Arc<crate::postgres::Remote>>,
 }
 
 impl Shared {
@@ -38,10 +42,11 @@ impl Shared {
             }
             return Ok(());
         };
+        let mut wakes = Wakes::new();
         let mut db = store.persist.db.lock();
-        for name in names {
+        let created = names.iter().try_for_each(|name| {
             if self.state.lock().reg.lookup(name).is_some() {
-                continue;
+                return Ok(());
             }
             let change = Change::Create(config.clone());
             match db.commit(name, &change) {
@@ -51,14 +56,17 @@ impl Shared {
                         let limit = state.reg.by_name_mut(name).expect("created");
                         change.record(limit, incarnation);
                     }
+                    Ok(())
                 }
                 // Created by another process (the CLI) since the writer last
                 // looked: take its definition now, as the writer would have.
-                Err(Error::AlreadyExists { .. }) => db.pull(&self.state)?,
-                Err(err) => return Err(err),
+                Err(Error::AlreadyExists { .. }) => db.pull(&self.state, &mut wakes),
+                Err(err) => Err(err),
             }
-        }
-        Ok(())
+        });
+        drop(db);
+        deliver(wakes);
+        created
     }
 
     /// Tells the observer, if there is one.
@@ -69,15 +77,14 @@ impl Shared {
     }
 }
 
-/// Delivers wake-ups collected under the lock, once it is released.
+/// Delivers wake-ups collected under the lock, and drops the wakers it let
+/// go of, once it is released.
 #[inline]
 pub(crate) fn deliver(wakes: Wakes) {
     if wakes.is_empty() {
         return;
     }
-    for wake in wakes {
-        wake.wake();
-    }
+    wakes.deliver();
 }
 
 /// A registry of named limits whose slots threads and tasks take and give
@@ -115,6 +122,14 @@ pub struct Limiter {
 
 impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return f
+                .debug_struct("Limiter")
+                .field("shared", remote)
+                .field("observed", &self.shared.observer.is_some())
+                .finish();
+        }
         let state = self.shared.state.lock();
         f.debug_struct("Limiter")
             .field("limits", &state.reg.len())
@@ -134,10 +149,35 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// [`Error::Storage`] if the file cannot be opened or is not a turnstile
-    /// store; [`Error::StoreInUse`] if another live limiter owns it.
+    /// [`Error::Storage`] if the file cannot be opened, is not a turnstile
+    /// store, or is a damaged one (tables missing columns or keys, rows it
+    /// could not have written, what SQLite's `quick_check` finds): such a
+    /// file is left as it was; [`Error::StoreInUse`] if another live limiter
+    /// owns it.
     pub fn open(path: impl Into<PathBuf>) -> Result<Limiter, Error> {
         Limiter::builder().path(path).build()
+    }
+
+    /// A limiter of shared limits on PostgreSQL: the same limits for every
+    /// process, on every host, connected to the same database and namespace
+    /// (`"turnstile"`; see [`LimiterBuilder::namespace`]). `url` is a
+    /// `postgres://` URL or a `key=value` connection string.
+    ///
+    /// ```no_run
+    /// # use turnstile::{Limiter, LimitConfig};
+    /// let limiter = Limiter::connect("postgres://app@db.internal/limits")?;
+    /// let _gpu = limiter.concurrency("gpu", 1).acquire()?; // shared by every process
+    /// # Ok::<(), turnstile::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a malformed URL; [`Error::Storage`]
+    /// (naming the host, never the password) if the database cannot be
+    /// reached within 10 s or its namespace is not a turnstile one.
+    #[cfg(feature = "postgres")]
+    pub fn connect(url: &str) -> Result<Limiter, Error> {
+        Limiter::builder().postgres(url).build()
     }
 
     /// A builder for a limiter with a store, a flush interval or an observer.
@@ -156,6 +196,8 @@ impl Limiter {
                 id: crate::recent::limiter_id(),
                 observer,
                 store: None,
+                #[cfg(feature = "postgres")]
+                remote: None,
             }),
         }
     }
@@ -209,6 +251,10 @@ impl Limiter {
     /// # Ok::<(), turnstile::Error>(())
     /// ```
     pub fn create_limit(&self, name: &str, config: LimitConfig) -> Result<LimitInfo, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.create(name, &config);
+        }
         self.change(
             name,
             |state| {
@@ -228,6 +274,10 @@ impl Limiter {
     ///
     /// [`Error::NotFound`], [`Error::InvalidConfig`].
     pub fn update_limit(&self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.update(name, &update);
+        }
         self.change(
             name,
             |state| {
@@ -238,14 +288,22 @@ impl Limiter {
         )
     }
 
-    /// Deletes a limit. Its blocked acquisitions go on as if it had never
-    /// existed (strict ones fail with [`Error::NotFound`]); guards holding its
-    /// slots give nothing back, not even to a new limit of the same name.
+    /// Deletes a limit. Its blocked acquisitions go on as for a missing
+    /// limit: strict ones fail with [`Error::NotFound`]; the others stop
+    /// waiting for it, and if one of them has `create_if_missing` (the
+    /// default) it is created again, inactive with limit 1, as a first
+    /// attempt naming a missing limit would (with a store, committed by that
+    /// acquisition when it wakes). Guards holding its slots give nothing
+    /// back, not even to a new limit of the same name.
     ///
     /// # Errors
     ///
     /// [`Error::NotFound`].
     pub fn delete_limit(&self, name: &str) -> Result<(), Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.delete(name);
+        }
         self.change(
             name,
             |state| state.config(name).map(|_| Change::Delete),
@@ -260,6 +318,10 @@ impl Limiter {
     ///
     /// [`Error::NotFound`].
     pub fn reset_limit(&self, name: &str) -> Result<LimitInfo, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.reset(name);
+        }
         self.change(
             name,
             |state| state.config(name).map(|_| Change::Reset),
@@ -267,14 +329,47 @@ impl Limiter {
         )
     }
 
-    /// A snapshot of one limit.
+    /// A snapshot of one limit; `None` if there is none of that name (or,
+    /// for shared limits, if the database cannot be reached: see
+    /// [`Limiter::try_limit`]).
     pub fn limit(&self, name: &str) -> Option<LimitInfo> {
-        self.shared.state.lock().info(name, Instant::now())
+        self.try_limit(name).ok().flatten()
     }
 
-    /// Snapshots of every limit, sorted by name.
+    /// Snapshots of every limit, sorted by name (empty, for shared limits,
+    /// if the database cannot be reached: see [`Limiter::try_limits`]).
     pub fn limits(&self) -> Vec<LimitInfo> {
-        self.shared.state.lock().infos(Instant::now())
+        self.try_limits().unwrap_or_default()
+    }
+
+    /// A snapshot of one limit, reporting a database failure. In one
+    /// process it never fails.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if the database of shared limits cannot be
+    /// reached.
+    pub fn try_limit(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.info(name);
+        }
+        Ok(self.shared.state.lock().info(name, Instant::now()))
+    }
+
+    /// Snapshots of every limit, sorted by name, reporting a database
+    /// failure. In one process it never fails.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Storage`] if the database of shared limits cannot be
+    /// reached.
+    pub fn try_limits(&self) -> Result<Vec<LimitInfo>, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.infos();
+        }
+        Ok(self.shared.state.lock().infos(Instant::now()))
     }
 
     /// Holds `occupy` slots of each named limit until the returned guard
@@ -323,6 +418,10 @@ impl Limiter {
     ///
     /// [`Error::Storage`] if the store cannot be written.
     pub fn flush(&self) -> Result<(), Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return remote.inner.flush();
+        }
         match &self.shared.store {
             Some(store) => store.flush(),
             None => Ok(()),
@@ -348,6 +447,14 @@ pub struct LimiterBuilder {
     path: Option<PathBuf>,
     flush_interval: Option<Duration>,
     observer: Option<Observer>,
+    #[cfg(feature = "postgres")]
+    postgres: Option<String>,
+    #[cfg(feature = "postgres")]
+    namespace: Option<String>,
+    #[cfg(feature = "postgres")]
+    lease: Option<Duration>,
+    #[cfg(feature = "postgres")]
+    keep_namespace: bool,
 }
 
 impl fmt::Debug for LimiterBuilder {
@@ -356,7 +463,7 @@ impl fmt::Debug for LimiterBuilder {
             .field("path", &self.path)
             .field("flush_interval", &self.flush_interval)
             .field("observed", &self.observer.is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -384,12 +491,73 @@ impl LimiterBuilder {
         self
     }
 
+    /// Shares the limits through PostgreSQL (see [`Limiter::connect`]):
+    /// `url` is a `postgres://` URL or a `key=value` connection string.
+    /// Not with [`LimiterBuilder::path`].
+    #[cfg(feature = "postgres")]
+    pub fn postgres(mut self, url: impl Into<String>) -> Self {
+        self.postgres = Some(url.into());
+        self
+    }
+
+    /// The namespace of shared limits: the PostgreSQL schema holding their
+    /// tables (default `"turnstile"`), created on first connection. A plain
+    /// identifier, `[A-Za-z_][A-Za-z0-9_]{0,62}`, not starting with `pg_`;
+    /// case-sensitive. Limiters on different namespaces are independent.
+    #[cfg(feature = "postgres")]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// How long a process cut off from the database keeps its shared slots
+    /// (default 30 s, at least 300 ms), counted from its last renewal; the
+    /// lease is renewed in the background at least every `lease / 3`.
+    #[cfg(feature = "postgres")]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// With `false`, connecting to a namespace that does not exist yet is
+    /// an error rather than creating it (the CLI's verbs other than
+    /// `create`). Default `true`.
+    #[cfg(feature = "postgres")]
+    pub fn create_namespace(mut self, create: bool) -> Self {
+        self.keep_namespace = !create;
+        self
+    }
+
     /// Builds the limiter, opening its store if a path was given.
     ///
     /// # Errors
     ///
-    /// As [`Limiter::open`].
+    /// As [`Limiter::open`] or [`Limiter::connect`];
+    /// [`Error::InvalidConfig`] for both a path and a PostgreSQL URL.
     pub fn build(self) -> Result<Limiter, Error> {
+        #[cfg(feature = "postgres")]
+        if let Some(url) = self.postgres {
+            if self.path.is_some() {
+                return Err(Error::InvalidConfig {
+                    name: "postgres".to_string(),
+                    reason: "a store path and a PostgreSQL URL together: choose one".to_string(),
+                });
+            }
+            let settings = crate::postgres::Settings {
+                url,
+                namespace: self.namespace.unwrap_or_else(|| "turnstile".to_string()),
+                lease: self.lease.unwrap_or(crate::postgres::DEFAULT_LEASE),
+                missing: if self.keep_namespace {
+                    crate::postgres::Missing::Refuse
+                } else {
+                    crate::postgres::Missing::Create
+                },
+            };
+            let remote = crate::postgres::Remote::connect(settings, self.observer.clone())?;
+            let mut limiter = Limiter::from_parts(self.observer);
+            Arc::get_mut(&mut limiter.shared).expect("just made").remote = Some(Arc::new(remote));
+            return Ok(limiter);
+        }
         let Some(path) = self.path else {
             return Ok(Limiter::from_parts(self.observer));
         };
@@ -409,6 +577,8 @@ impl LimiterBuilder {
                 id: crate::recent::limiter_id(),
                 observer: self.observer,
                 store: Some(store),
+                #[cfg(feature = "postgres")]
+                remote: None,
             }),
         })
     }

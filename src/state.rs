@@ -96,9 +96,13 @@ pub(crate) enum Begin {
     Create(Vec<String>),
 }
 
-/// The outcome of a look at a queued waiter.
+/// The outcome of a look at a queued waiter. `Done(Ok(_))` gives the limits
+/// taken from and the instant it was granted from.
 pub(crate) enum Look {
-    Done(Result<Ids, Error>),
+    Done(Result<(Ids, Instant), Error>),
+    /// These limits, deleted while it waited, must be created (and stored)
+    /// first; then look again. Abandon the waiter if that fails.
+    Create(Vec<String>),
     /// Still queued; look again when woken or at `at`. `first`: at the head
     /// of its limit's queue (next in line).
     Wait {
@@ -113,12 +117,14 @@ pub(crate) type EventNames = SmallVec<[Arc<str>; 4]>;
 impl State {
     /// The first attempt of an acquisition: validates it, creates missing
     /// limits if asked to, and takes the slots if they fit now. If they do not,
-    /// queues it when `wake` is given.
+    /// queues it when `wake` is given. `wakes` must be delivered once the lock
+    /// is released.
     pub fn begin(
         &mut self,
         req: &Request<'_, '_>,
         now: &mut LazyNow,
         wake: Option<&dyn Fn() -> Wake>,
+        wakes: &mut Wakes,
     ) -> Result<Begin, Error> {
         if req.occupy == 0 {
             return Err(Error::InvalidOccupy { occupy: 0 });
@@ -167,19 +173,10 @@ impl State {
             }
         }
         if req.create_if_missing && !missing.is_empty() {
-            // As Prefect's server did: inactive with limit 1, so the
-            // acquisition passes and an operator can configure it later. They
-            // are inactive, so nothing is taken from them.
-            if !self.reg.persist {
-                for name in missing {
-                    self.reg
-                        .insert(name, &LimitConfig::new(1).active(false), now.get());
-                }
-            } else {
-                // A store must commit them first, outside this lock.
-                return Ok(Begin::Create(
-                    missing.iter().map(|n| n.to_string()).collect(),
-                ));
+            // They are inactive, so nothing is taken from them.
+            let owed = self.create_missing(&missing, now.get());
+            if !owed.is_empty() {
+                return Ok(Begin::Create(owed));
             }
         }
 
@@ -217,19 +214,43 @@ impl State {
             occupy: req.occupy,
             kind: req.kind,
             strict: req.strict,
+            create_if_missing: req.create_if_missing,
+            create: Vec::new(),
             names: req.names.joined(),
             attempts: 1,
             max_retries: req.max_retries,
             counted_in: 0,
             status: Status::Queued,
+            granted_at: None,
             decay_at: None,
             wake: wake(),
         };
-        let ticket = self.enqueue(waiter, now.get());
+        let ticket = self.enqueue(waiter, now.get(), wakes);
         Ok(Begin::Queued {
             ticket,
             first: self.at_head(ticket),
         })
+    }
+
+    /// Creates the missing limits an acquisition proceeds through (on its
+    /// first attempt, or when one it waits for is deleted), as Prefect's
+    /// server did: inactive with limit 1, so that it passes and an operator
+    /// can configure them later. In memory they are created at once. A store
+    /// must commit them first, outside this lock: then they are returned, for
+    /// the acquisition's owner to create with
+    /// [`Shared::create_missing`](crate::limiter::Shared::create_missing)
+    /// before it goes on.
+    fn create_missing(&mut self, names: &[&str], now: Instant) -> Vec<String> {
+        if self.reg.persist {
+            return names.iter().map(|n| n.to_string()).collect();
+        }
+        for name in names {
+            if self.reg.lookup(name).is_none() {
+                self.reg
+                    .insert(name, &LimitConfig::new(1).active(false), now);
+            }
+        }
+        Vec::new()
     }
 
     /// The fast path: one name, an existing active limit with room and
@@ -307,6 +328,11 @@ impl State {
         deadline: Option<Instant>,
         wakes: &mut Wakes,
     ) -> Look {
+        if let Some(waiter) = self.waiters.get_mut(&ticket) {
+            if !waiter.create.is_empty() {
+                return Look::Create(std::mem::take(&mut waiter.create));
+            }
+        }
         for _ in 0..2 {
             let waiter = self
                 .waiters
@@ -315,10 +341,13 @@ impl State {
             match waiter.status {
                 Status::Granted => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
-                    return Look::Done(Ok(waiter.ids));
+                    let granted_at = waiter.granted_at.unwrap_or(now);
+                    wakes.bury(waiter.wake);
+                    return Look::Done(Ok((waiter.ids, granted_at)));
                 }
                 Status::Failed(_) => {
                     let waiter = self.waiters.remove(&ticket).expect("present");
+                    wakes.bury(waiter.wake);
                     let Status::Failed(err) = waiter.status else {
                         unreachable!()
                     };
@@ -364,12 +393,18 @@ impl State {
         })
     }
 
-    /// Replaces the waker of a queued async waiter.
-    pub fn set_waker(&mut self, ticket: Ticket, waker: &std::task::Waker) {
+    /// Replaces the waker of a queued async waiter. The old one is buried in
+    /// `wakes`: it may be the last clone of its task's waker, and dropping it
+    /// may drop a guard, which takes this lock (tokio's "second iteration
+    /// shouldn't deadlock").
+    pub fn set_waker(&mut self, ticket: Ticket, waker: &std::task::Waker, wakes: &mut Wakes) {
         if let Some(waiter) = self.waiters.get_mut(&ticket) {
             match &waiter.wake {
                 Wake::Task(w) if w.will_wake(waker) => {}
-                _ => waiter.wake = Wake::Task(waker.clone()),
+                _ => wakes.bury(std::mem::replace(
+                    &mut waiter.wake,
+                    Wake::Task(waker.clone()),
+                )),
             }
         }
     }
@@ -383,10 +418,12 @@ impl State {
         match waiter.status {
             Status::Queued => self.withdraw(ticket, now, wakes),
             Status::Failed(_) => {
-                self.waiters.remove(&ticket);
+                let waiter = self.waiters.remove(&ticket).expect("present");
+                wakes.bury(waiter.wake);
             }
             Status::Granted => {
                 let waiter = self.waiters.remove(&ticket).expect("present");
+                wakes.bury(waiter.wake);
                 let mut dirty = Dirty::new();
                 for id in &waiter.ids {
                     let Some(limit) = self.reg.resolve_mut(*id) else {
@@ -518,6 +555,16 @@ impl State {
         update.validate(name)?;
         let idx = self.find(name)?;
         let limit = self.reg.get_mut(idx).expect("found");
+        let unchanged = update.limit.is_none_or(|cap| cap == limit.slots.limit)
+            && update.active.is_none_or(|active| active == limit.active)
+            && update
+                .slot_decay_per_second
+                .is_none_or(|rate| rate == limit.slots.rate());
+        if unchanged {
+            // Nobody fits better or worse: as Prefect's clients retry only on
+            // a real change, no waiter is looked at or charged an attempt.
+            return Ok(self.reg.info(idx, now).expect("found"));
+        }
         let was_active = limit.active;
         if let Some(rate) = update.slot_decay_per_second {
             limit.slots.set_rate(rate, now);
@@ -542,11 +589,29 @@ impl State {
         Ok(self.reg.info(idx, now).expect("found"))
     }
 
+    /// Deletes a limit. Its waiters proceed as for a missing limit: strict
+    /// ones fail, the others go on without it, and it is created again
+    /// (inactive, limit 1) if one of them has `create_if_missing`, by the
+    /// same path as for a first attempt.
     pub fn delete(&mut self, name: &str, now: Instant, wakes: &mut Wakes) -> Result<(), Error> {
         let idx = self.find(name)?;
         let mut dirty = Dirty::new();
-        self.forget_limit(idx, true, now, &mut dirty, wakes);
-        self.reg.remove(idx);
+        let recreate = self.forget_limit(idx, true, now, &mut dirty, wakes);
+        let limit = self.reg.remove(idx).expect("found");
+        if !recreate.is_empty() {
+            let owed = self.create_missing(&[&limit.name], now);
+            if !owed.is_empty() {
+                // Their owners commit it, then go on: wake those still
+                // queued (the others are woken already).
+                for ticket in recreate {
+                    let waiter = self.waiters.get_mut(&ticket).expect("not looked at yet");
+                    waiter.create.extend_from_slice(&owed);
+                    if matches!(waiter.status, Status::Queued) {
+                        wakes.push(waiter.wake.clone());
+                    }
+                }
+            }
+        }
         self.pump(&mut dirty, now, wakes);
         Ok(())
     }

@@ -57,8 +57,12 @@ impl Timer {
         key
     }
 
+    /// Forgets a registered wake-up. Its waker is dropped after the lock:
+    /// it may be the last clone of its task's, whose drop may drop another
+    /// future, which cancels its own wake-up here.
     pub fn cancel(&self, key: TimerKey) {
-        self.deadlines.lock().due.remove(&key);
+        let waker = self.deadlines.lock().due.remove(&key);
+        drop(waker);
     }
 
     fn run(&self) {

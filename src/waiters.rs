@@ -66,8 +66,53 @@ impl Wake {
     }
 }
 
-/// Wake-ups to deliver once the state lock is released.
-pub(crate) type Wakes = SmallVec<[Wake; 2]>;
+/// Wake-ups to deliver, and wakers to drop, once the state lock is released
+/// (see [`crate::limiter::deliver`]).
+///
+/// A waker is user code: waking it may run its task, and dropping the last
+/// clone of it drops whatever the task owns, such as a guard whose release
+/// takes the engine's lock. So nothing under the lock wakes or drops one: a
+/// waker a waiter lets go of (replaced, or its waiter done) is *buried* here
+/// and dropped after the lock, as tokio's semaphore drops its old waker.
+#[derive(Debug, Default)]
+pub(crate) struct Wakes {
+    wake: SmallVec<[Wake; 2]>,
+    buried: SmallVec<[Wake; 1]>,
+}
+
+impl Wakes {
+    pub fn new() -> Wakes {
+        Wakes::default()
+    }
+
+    /// Wakes `wake` once the lock is released.
+    pub fn push(&mut self, wake: Wake) {
+        self.wake.push(wake);
+    }
+
+    /// Drops `wake` once the lock is released.
+    pub fn bury(&mut self, wake: Wake) {
+        self.buried.push(wake);
+    }
+
+    /// Wake-ups to deliver.
+    pub fn len(&self) -> usize {
+        self.wake.len()
+    }
+
+    /// Nothing to wake and nothing to drop.
+    pub fn is_empty(&self) -> bool {
+        self.wake.is_empty() && self.buried.is_empty()
+    }
+
+    /// Wakes, then drops what was buried. Only with the lock released.
+    pub fn deliver(self) {
+        for wake in self.wake {
+            wake.wake();
+        }
+        drop(self.buried);
+    }
+}
 
 /// What a waiter is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +137,13 @@ pub(crate) struct Waiter {
     pub occupy: u32,
     pub kind: Kind,
     pub strict: bool,
+    /// Whether a limit of its deleted while it waits is created again (as a
+    /// missing one is by its first attempt), or skipped.
+    pub create_if_missing: bool,
+    /// Limits its owner must create (committing them to the store first)
+    /// before it proceeds: those deleted while it waited (see
+    /// [`State::delete`]).
+    pub create: Vec<String>,
     /// All names asked for, for error messages.
     pub names: String,
     /// Attempts made so far (the first included).
@@ -100,6 +152,9 @@ pub(crate) struct Waiter {
     /// The last pump that counted a retry for it.
     pub counted_in: u64,
     pub status: Status,
+    /// The instant it was granted from (see [`State::grant`]): its wait
+    /// ends and its hold starts there, however late its thread or task runs.
+    pub granted_at: Option<Instant>,
     /// When decay alone will let it fit, if that is all it waits for.
     pub decay_at: Option<Instant>,
     pub wake: Wake,
@@ -171,7 +226,7 @@ enum Fit {
 
 impl State {
     /// Queues a waiter; its first attempt has been made and denied.
-    pub fn enqueue(&mut self, waiter: Waiter, now: Instant) -> Ticket {
+    pub fn enqueue(&mut self, waiter: Waiter, now: Instant, wakes: &mut Wakes) -> Ticket {
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         for id in &waiter.ids {
@@ -187,10 +242,13 @@ impl State {
             }
             // Only if time moved between the first attempt and now.
             Fit::Yes => {
-                let (mut dirty, mut wakes) = (Dirty::new(), Wakes::new());
-                self.grant(ticket, now, now, &mut dirty, &mut wakes);
-                self.pump(&mut dirty, now, &mut wakes);
-                debug_assert!(wakes.len() <= 1, "nobody else can have been let in");
+                let (mut dirty, before) = (Dirty::new(), wakes.len());
+                self.grant(ticket, now, now, &mut dirty, wakes);
+                self.pump(&mut dirty, now, wakes);
+                debug_assert!(
+                    wakes.len() - before <= 1,
+                    "nobody else can have been let in"
+                );
             }
         }
         ticket
@@ -434,7 +492,8 @@ impl State {
     }
 
     /// Takes the waiter's slots on all its limits at once and wakes it.
-    /// Decaying slots are charged from `since` (at most `now`).
+    /// Decaying slots are charged from `since` (at most `now`), and so are
+    /// its wait and hold times: it is granted then, whenever it runs.
     fn grant(
         &mut self,
         ticket: Ticket,
@@ -464,6 +523,7 @@ impl State {
             self.reg.touch(id.idx);
         }
         waiter.status = Status::Granted;
+        waiter.granted_at = Some(since);
         wakes.push(waiter.wake.clone());
         // On a limit of one slot, its next in line (a thread waiting for that
         // limit alone) is woken to spin at the head: its turn comes exactly
@@ -512,6 +572,7 @@ impl State {
             return;
         };
         debug_assert!(matches!(waiter.status, Status::Queued));
+        wakes.bury(waiter.wake);
         let mut dirty = Dirty::new();
         for id in &waiter.ids {
             let limit = self.reg.get_mut(id.idx).expect("ids are live");
@@ -527,7 +588,8 @@ impl State {
     ///
     /// For the others, losing one of their limits is a change of their
     /// limits: each checks again, counting an attempt if it still does not
-    /// fit.
+    /// fit. Returns those that proceed as for a missing limit and would
+    /// create it (`create_if_missing`), when it was deleted.
     pub fn forget_limit(
         &mut self,
         idx: u32,
@@ -535,9 +597,10 @@ impl State {
         now: Instant,
         dirty: &mut Dirty,
         wakes: &mut Wakes,
-    ) {
+    ) -> SmallVec<[Ticket; 2]> {
+        let mut recreate = SmallVec::new();
         let Some(limit) = self.reg.get_mut(idx) else {
-            return;
+            return recreate;
         };
         let queue = limit.queue.take();
         limit.queued_occupy = 0;
@@ -551,9 +614,15 @@ impl State {
             if deleted && waiter.strict {
                 let err = Error::NotFound { name: name.clone() };
                 self.fail(q.ticket, err, dirty, wakes);
-            } else if waiter.ids.is_empty() {
+                continue;
+            }
+            if deleted && waiter.create_if_missing {
+                recreate.push(q.ticket);
+            }
+            if waiter.ids.is_empty() {
                 // Nothing left to wait for: it passes, holding nothing.
                 waiter.status = Status::Granted;
+                waiter.granted_at = Some(now);
                 wakes.push(waiter.wake.clone());
             } else {
                 affected.push(q.ticket);
@@ -565,6 +634,7 @@ impl State {
                 self.recheck(ticket, now, dirty, wakes);
             }
         }
+        recreate
     }
 
     /// Fails the waiters of `idx` that can never fit its new configuration.

@@ -507,6 +507,79 @@ fn cancellation_storm() {
     });
 }
 
+/// A queued waiter granted by another thread's release owns the slots from
+/// that grant, however late its task is polled: `Event::Acquired`'s `waited`
+/// ends at the grant, and the guard's hold time (`held_for`, `release()`,
+/// `Event::Released`) starts there. Both used to be measured from when the
+/// task got round to taking the slots.
+#[test]
+fn a_grant_is_charged_from_the_release_not_from_the_poll() {
+    use std::sync::Mutex;
+    use turnstile::Event;
+    watchdog(WATCHDOG, || {
+        let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+        let sink = events.clone();
+        let limiter = Limiter::builder()
+            .on_event(move |e: &Event| sink.lock().unwrap().push(e.clone()))
+            .build()
+            .unwrap();
+        limiter.create_limit("gpu", LimitConfig::new(1)).unwrap();
+        let holder = limiter.concurrency("gpu", 1).acquire().unwrap();
+        let waker = Waker::from(Arc::new(Flag(AtomicBool::new(false))));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = limiter.concurrency("gpu", 1).into_future();
+        let queued = Instant::now();
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        drop(holder); // grants the slot to `fut`, whose task is not polled
+        let released = Instant::now();
+        assert_eq!(held_waiters(&limiter, "gpu"), (1, 0), "granted");
+        // The task is kept from running for longer than it waited, however
+        // slow this machine is.
+        let delay = released.duration_since(queued) + Duration::from_millis(50);
+        while released.elapsed() < delay {
+            thread::yield_now();
+        }
+        let polled = Instant::now();
+        let guard = match Pin::new(&mut fut).poll(&mut cx) {
+            Poll::Ready(Ok(guard)) => guard,
+            other => panic!("granted, yet {:?}", other.map(|r| r.map(|_| ()))),
+        };
+        let late = polled.duration_since(released);
+        // The grant came before `released`: held at least since then.
+        assert!(
+            guard.held_for() >= late,
+            "{:?} < {late:?}",
+            guard.held_for()
+        );
+        let held = guard.release();
+        assert!(
+            held >= late,
+            "release() says {held:?}, granted {late:?} before the poll"
+        );
+        let events = events.lock().unwrap();
+        let waited: Vec<Duration> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Acquired { waited, .. } => Some(*waited),
+                _ => None,
+            })
+            .collect();
+        let [_, waited] = waited[..] else {
+            panic!("expected the holder's and the waiter's Acquired: {events:?}")
+        };
+        // Queued after `queued`, granted before `released`.
+        let span = released.duration_since(queued);
+        assert!(
+            waited <= span,
+            "waited {waited:?}, but it was granted within {span:?}"
+        );
+        match events.last() {
+            Some(Event::Released { held: h, .. }) => assert_eq!(*h, held),
+            other => panic!("expected the waiter's Released last, got {other:?}"),
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------
 // Cooperative scheduling: a future ready at once still lets other tasks run
 // ---------------------------------------------------------------------------

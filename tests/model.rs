@@ -274,6 +274,7 @@ struct MFuture {
     kind: Kind,
     occupy: u32,
     strict: bool,
+    create_if_missing: bool,
     ticket: u64,
     status: Status,
 }
@@ -406,7 +407,10 @@ impl Model {
     }
 
     /// Waiters queued on `r` stop waiting for it (deactivated or deleted).
-    fn forget(&mut self, r: LimitRef, deleted: bool, counts: &mut Counts) {
+    /// Returns whether a waiter that lost `r` to its deletion creates it
+    /// again (as for a missing limit: not strict, `create_if_missing`).
+    fn forget(&mut self, r: LimitRef, deleted: bool, counts: &mut Counts) -> bool {
+        let mut recreate = false;
         for f in &mut self.futures {
             let Status::Queued(on) = &mut f.status else {
                 continue;
@@ -418,12 +422,16 @@ impl Model {
             if deleted && f.strict {
                 f.status = Status::Failed(vec!["NotFound"]);
                 counts.failed_later += 1;
-            } else if on.is_empty() {
+                continue;
+            }
+            recreate |= deleted && f.create_if_missing;
+            if on.is_empty() {
                 // Nothing left to wait for: it passes, holding nothing.
                 f.status = Status::Granted(Vec::new());
                 counts.granted_later += 1;
             }
         }
+        recreate
     }
 
     /// Fails the waiters queued on `r` that its configuration rules out.
@@ -867,8 +875,12 @@ fn apply(
                 return expect_error(got, &["NotFound"], step, op);
             };
             got.map_err(|e| fail(step, op, format!("unexpected {e}")))?;
-            model.forget(r, true, counts);
+            let recreate = model.forget(r, true, counts);
             model.limits[name] = None;
+            if recreate {
+                // In memory, at once: inactive with limit 1.
+                model.insert(name, 1, false, 0.0);
+            }
             model.settle(counts);
             Ok(())
         }
@@ -971,6 +983,7 @@ fn apply(
                             kind,
                             occupy,
                             strict,
+                            create_if_missing,
                             ticket: model.next_ticket,
                             status: Status::Queued(active),
                         });

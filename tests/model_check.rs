@@ -740,6 +740,76 @@ fn try_races_release() {
     w.settled();
 }
 
+/// Issue 12's case: a limit of 4 lowered to 2 below its held slots, drained
+/// to 2, then raised again, while two threads try for 1 or 2 slots of it
+/// (lock-free while it is free, through the lock while it is claimed) and
+/// hold what they get. Once the controller has seen the held slots drain to
+/// the lowered limit, no try may take it past 2 until it is raised. The
+/// bound changes under the same lock as the shadow count, so a guard counted
+/// in is always judged against the bound in force at that instant.
+fn lowered_then_drained() {
+    const LO: u32 = 2;
+    const HI: u32 = 4;
+    let limiter = Limiter::in_memory();
+    limiter
+        .create_limit("x", LimitConfig::new(HI))
+        .expect("create");
+    // (slots held by counted guards, the bound they are judged against)
+    let count = Arc::new(Mutex::new((0u32, HI)));
+    let first = limiter.concurrency("x", 2).try_acquire().expect("try");
+    let first = first.expect("free at the start");
+    count.lock().unwrap().0 += 2;
+    let workers: Vec<_> = (1..=2u32)
+        .map(|occupy| {
+            let (limiter, count) = (limiter.clone(), count.clone());
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    let Some(guard) = limiter.concurrency("x", occupy).try_acquire().expect("try")
+                    else {
+                        seen("lowered_then_drained", "try refused");
+                        continue;
+                    };
+                    let bound = {
+                        let mut c = count.lock().unwrap();
+                        c.0 += occupy;
+                        assert!(c.0 <= c.1, "x: {} slots held, bound {}", c.0, c.1);
+                        c.1
+                    };
+                    seen("lowered_then_drained", "try took");
+                    // The engine's own count, against a bound that held
+                    // throughout the snapshot.
+                    let info = limiter.limit("x").expect("exists");
+                    if count.lock().unwrap().1 == bound {
+                        assert!(info.held_slots <= bound, "{info:?} against {bound}");
+                    }
+                    thread::yield_now();
+                    count.lock().unwrap().0 -= occupy;
+                    drop(guard);
+                }
+            })
+        })
+        .collect();
+    limiter
+        .update_limit("x", LimitUpdate::new().limit(LO))
+        .expect("lower");
+    count.lock().unwrap().0 -= 2;
+    drop(first);
+    // Drained to the lowered limit (it may not be, if both workers hold
+    // now): from here on it must stay within it until raised.
+    if limiter.limit("x").expect("exists").held_slots <= LO {
+        seen("lowered_then_drained", "drained");
+        count.lock().unwrap().1 = LO;
+        thread::yield_now();
+    }
+    count.lock().unwrap().1 = HI;
+    limiter
+        .update_limit("x", LimitUpdate::new().limit(HI))
+        .expect("raise");
+    join_all(workers);
+    let info = limiter.limit("x").expect("exists");
+    assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
+}
+
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
@@ -802,4 +872,9 @@ fn model_try_races_release() {
 #[test]
 fn model_nudge_handoff() {
     check("nudge_handoff", nudge_handoff);
+}
+
+#[test]
+fn model_lowered_then_drained() {
+    check("lowered_then_drained", lowered_then_drained);
 }

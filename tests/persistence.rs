@@ -1132,3 +1132,119 @@ fn reopening_while_another_thread_spawns_processes_is_not_store_in_use() {
         drop(owner);
     });
 }
+
+// ---------------------------------------------------------------------------
+// A limit deleted under its waiters (issue 12, item 5): with a store, a
+// non-strict waiter with `create_if_missing` creates it again as a first
+// attempt naming a missing limit does, committed before it exists in memory.
+// ---------------------------------------------------------------------------
+
+/// Opens `db`, holds limit "x" of one slot and blocks `waiter` on it.
+fn deleted_under_a_waiter<T>(db: &Path, waiter: impl FnOnce(&Limiter) -> T) -> (Limiter, T) {
+    let limiter = open_long_interval(db);
+    limiter
+        .create_limit("x", LimitConfig::new(1).slot_decay_per_second(1e-9))
+        .unwrap();
+    assert!(limiter.rate_limit("x", 1).try_acquire().unwrap());
+    let waiting = waiter(&limiter);
+    assert!(
+        eventually(WATCHDOG, || limiter.limit("x").unwrap().waiters == 1),
+        "never queued"
+    );
+    limiter.delete_limit("x").unwrap();
+    (limiter, waiting)
+}
+
+fn assert_created_inactive(limiter: &Limiter, db: &Path) {
+    let info = limiter.limit("x").expect("created again");
+    assert_eq!((info.limit, info.active, info.waiters), (1, false, 0));
+    assert_eq!(def_row(db, "x"), Some((1, false, 0.0)));
+}
+
+#[test]
+fn a_blocked_acquisition_creates_its_deleted_limit_again_in_the_store() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("persistence");
+        let db = dir.path("limits.db");
+        let (limiter, waiter) = deleted_under_a_waiter(&db, |l| {
+            let l = l.clone();
+            thread::spawn(move || l.concurrency("x", 1).acquire().map(drop))
+        });
+        waiter.join().unwrap().expect("passes");
+        assert_created_inactive(&limiter, &db);
+        drop(limiter);
+        let reopened = open_long_interval(&db);
+        assert_created_inactive(&reopened, &db);
+    });
+}
+
+#[test]
+fn a_pending_future_creates_its_deleted_limit_again_in_the_store() {
+    use std::future::{Future, IntoFuture};
+    use std::task::{Context, Poll, Waker};
+
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("persistence");
+        let db = dir.path("limits.db");
+        let mut cx = Context::from_waker(Waker::noop());
+        let (limiter, mut fut) = deleted_under_a_waiter(&db, |l| {
+            let mut fut = Box::pin(l.rate_limit("x", 1).into_future());
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            fut
+        });
+        // Its owner commits it when it looks again.
+        assert_eq!(def_row(&db, "x"), None);
+        let Poll::Ready(done) = fut.as_mut().poll(&mut cx) else {
+            panic!("a waiter left with no limit passes");
+        };
+        done.expect("passes");
+        assert_created_inactive(&limiter, &db);
+        drop((fut, limiter));
+        let reopened = open_long_interval(&db);
+        assert_created_inactive(&reopened, &db);
+    });
+}
+
+#[test]
+fn a_waiter_still_queued_elsewhere_creates_its_deleted_limit_at_once() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("persistence");
+        let db = dir.path("limits.db");
+        let mut holder = None;
+        let (limiter, waiter) = deleted_under_a_waiter(&db, |l| {
+            l.create_limit("y", LimitConfig::new(1)).unwrap();
+            holder = Some(l.concurrency("y", 1).acquire().unwrap());
+            let l = l.clone();
+            thread::spawn(move || l.concurrency(["x", "y"], 1).acquire().map(drop))
+        });
+        // Woken to commit it, then back to waiting for "y".
+        assert!(
+            eventually(WATCHDOG, || def_row(&db, "x").is_some()),
+            "not created again"
+        );
+        assert_created_inactive(&limiter, &db);
+        assert_eq!(limiter.limit("y").unwrap().waiters, 1);
+        drop(holder);
+        waiter.join().unwrap().expect("granted when y was released");
+    });
+}
+
+#[test]
+fn a_waiter_without_create_if_missing_leaves_its_deleted_limit_deleted() {
+    watchdog(WATCHDOG, || {
+        let dir = TempDir::new("persistence");
+        let db = dir.path("limits.db");
+        let (limiter, waiter) = deleted_under_a_waiter(&db, |l| {
+            let l = l.clone();
+            thread::spawn(move || {
+                l.concurrency("x", 1)
+                    .create_if_missing(false)
+                    .acquire()
+                    .map(drop)
+            })
+        });
+        waiter.join().unwrap().expect("passes");
+        assert!(limiter.limit("x").is_none());
+        assert_eq!(def_row(&db, "x"), None);
+    });
+}

@@ -476,3 +476,135 @@ fn occupancy_average_uses_the_hold_time_above_the_floor() {
         "avg {avg}, expected {expected}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// A limit deleted under its waiters (issue 12, item 5): a non-strict waiter
+// proceeds as for a missing limit, as a first attempt naming it would: with
+// `create_if_missing` (the default) the limit is created again, inactive with
+// limit 1; without, the name is skipped. (Strict waiters fail with NotFound:
+// see acquire.rs.) The store's side is in persistence.rs.
+// ---------------------------------------------------------------------------
+
+/// What a first attempt naming a missing limit leaves behind.
+fn assert_created_by_an_acquisition(limiter: &Limiter, name: &str) {
+    let info = info(limiter, name);
+    assert_eq!(
+        (
+            info.limit,
+            info.active,
+            info.slot_decay_per_second,
+            info.held_slots,
+            info.active_slots,
+            info.waiters
+        ),
+        (1, false, 0.0, 0, 0, 0),
+        "{info:?}"
+    );
+}
+
+/// A limit "x" of one slot, held, and a thread blocked on it running `f`.
+fn blocked_on_x<T: Send + 'static>(
+    limiter: &Limiter,
+    f: impl FnOnce(&Limiter) -> T + Send + 'static,
+) -> thread::JoinHandle<T> {
+    limiter
+        .create_limit("x", LimitConfig::new(1).slot_decay_per_second(1e-9))
+        .unwrap();
+    assert!(limiter.rate_limit("x", 1).try_acquire().unwrap());
+    let clone = limiter.clone();
+    let waiter = thread::spawn(move || f(&clone));
+    assert!(
+        common::eventually(common::WATCHDOG, || info(limiter, "x").waiters == 1),
+        "never queued"
+    );
+    waiter
+}
+
+#[test]
+fn a_blocked_acquisition_whose_limit_is_deleted_creates_it_again() {
+    common::watchdog(common::WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        let waiter = blocked_on_x(&limiter, |l| l.concurrency("x", 1).acquire());
+        limiter.delete_limit("x").unwrap();
+        let guard = waiter.join().unwrap().unwrap();
+        assert_created_by_an_acquisition(&limiter, "x");
+        // As a first attempt naming a missing limit does.
+        let fresh = limiter.concurrency("y", 1).acquire().unwrap();
+        let (x, y) = (info(&limiter, "x"), info(&limiter, "y"));
+        assert_eq!(
+            LimitInfo {
+                name: "y".into(),
+                ..x
+            },
+            y
+        );
+        drop((guard, fresh));
+        assert_created_by_an_acquisition(&limiter, "x");
+    });
+}
+
+#[test]
+fn a_blocked_rate_limit_whose_limit_is_deleted_creates_it_again() {
+    common::watchdog(common::WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        let waiter = blocked_on_x(&limiter, |l| l.rate_limit("x", 1).acquire());
+        limiter.delete_limit("x").unwrap();
+        waiter.join().unwrap().unwrap();
+        assert_created_by_an_acquisition(&limiter, "x");
+    });
+}
+
+#[test]
+fn a_blocked_acquisition_without_create_if_missing_skips_its_deleted_limit() {
+    common::watchdog(common::WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        let waiter = blocked_on_x(&limiter, |l| {
+            l.concurrency("x", 1).create_if_missing(false).acquire()
+        });
+        limiter.delete_limit("x").unwrap();
+        let guard = waiter.join().unwrap().unwrap();
+        assert!(limiter.limit("x").is_none(), "skipped, not created");
+        drop(guard);
+    });
+}
+
+#[test]
+fn a_pending_future_whose_limit_is_deleted_creates_it_again() {
+    use std::future::{Future, IntoFuture};
+    use std::task::{Context, Poll, Waker};
+
+    common::watchdog(common::WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("x", LimitConfig::new(1)).unwrap();
+        limiter.create_limit("y", LimitConfig::new(1)).unwrap();
+        let holder = limiter.concurrency(["x", "y"], 1).acquire().unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut both = Box::pin(limiter.concurrency(["x", "y"], 1).into_future());
+        let mut skip = Box::pin(
+            limiter
+                .concurrency("x", 1)
+                .create_if_missing(false)
+                .into_future(),
+        );
+        assert!(both.as_mut().poll(&mut cx).is_pending());
+        assert!(skip.as_mut().poll(&mut cx).is_pending());
+
+        limiter.delete_limit("x").unwrap();
+        assert_created_by_an_acquisition(&limiter, "x");
+        let Poll::Ready(guard) = skip.as_mut().poll(&mut cx) else {
+            panic!("a waiter left with no limit passes");
+        };
+        drop(guard.unwrap());
+        // Still waiting for "y", and only for it.
+        assert!(both.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(info(&limiter, "y").waiters, 1);
+        drop(holder);
+        let Poll::Ready(guard) = both.as_mut().poll(&mut cx) else {
+            panic!("granted when y was released");
+        };
+        let guard = guard.unwrap();
+        assert_eq!(info(&limiter, "y").held_slots, 1);
+        assert_created_by_an_acquisition(&limiter, "x");
+        drop(guard);
+    });
+}

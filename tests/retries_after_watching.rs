@@ -229,8 +229,9 @@ fn a_retry_count_that_finds_a_decay_instant_wakes_the_task() {
 
 /// API.md: a waiter with `max_retries` is attempted once each time it is
 /// woken by "a release, decay, an update of its limits". Deactivating one
-/// of its limits is an update of its limits (and a no-op update of the same
-/// limit is charged), but since 8bc71d9 it costs no attempt.
+/// of its limits is an update of its limits (as raising its capacity is),
+/// but since 8bc71d9 it cost no attempt. (An update that changes nothing is
+/// charged nothing: see `a_no_op_update_costs_no_attempt`.)
 #[test]
 fn deactivating_a_named_limit_is_an_attempt() {
     watchdog(WATCHDOG, || {
@@ -252,7 +253,7 @@ fn deactivating_a_named_limit_is_an_attempt() {
             let update = if deactivate {
                 LimitUpdate::new().active(false)
             } else {
-                LimitUpdate::new().limit(1)
+                LimitUpdate::new().limit(2)
             };
             limiter.update_limit("a", update).unwrap();
             match Pin::new(&mut w).poll(&mut cx) {
@@ -266,5 +267,64 @@ fn deactivating_a_named_limit_is_an_attempt() {
                 ),
             }
         }
+    });
+}
+
+/// An update that changes nothing (an empty `LimitUpdate`, or the limit's
+/// current capacity, activity and decay set again) is no change of the
+/// waiter's limits: as a Prefect client retries only when something changed,
+/// it costs a budgeted waiter no attempt. Two real changes still use up
+/// `max_retries(2)`: the first attempt, then one retry per change, and the
+/// third denied attempt fails it.
+#[test]
+fn a_no_op_update_costs_no_attempt() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter
+            .create_limit("gpu", LimitConfig::new(1).slot_decay_per_second(0.5))
+            .unwrap();
+        let _held = limiter.concurrency("gpu", 1).acquire().unwrap();
+        let mut waiter = limiter.concurrency("gpu", 1).max_retries(2).into_future();
+        assert!(poll_once(&mut waiter).is_pending());
+        let no_ops = [
+            LimitUpdate::new(),
+            LimitUpdate::new().limit(1),
+            LimitUpdate::new().active(true),
+            LimitUpdate::new().slot_decay_per_second(0.5),
+            LimitUpdate::new()
+                .limit(1)
+                .active(true)
+                .slot_decay_per_second(0.5),
+        ];
+        for round in 0..3 {
+            for update in &no_ops {
+                limiter.update_limit("gpu", update.clone()).unwrap();
+                match poll_once(&mut waiter) {
+                    Poll::Pending => {}
+                    Poll::Ready(r) => panic!(
+                        "round {round}: a no-op update {update:?} ended the wait: {:?}",
+                        r.map(|_| ())
+                    ),
+                }
+            }
+        }
+        assert_eq!(limiter.limit("gpu").unwrap().waiters, 1);
+        // A real change (still full) is its one retry...
+        limiter
+            .update_limit("gpu", LimitUpdate::new().slot_decay_per_second(1.0))
+            .unwrap();
+        assert!(poll_once(&mut waiter).is_pending(), "one retry left");
+        // ...and the next one is more than its budget.
+        limiter
+            .update_limit("gpu", LimitUpdate::new().slot_decay_per_second(2.0))
+            .unwrap();
+        match poll_once(&mut waiter) {
+            Poll::Ready(Err(Error::RetriesExhausted { attempts, .. })) => assert_eq!(attempts, 3),
+            other => panic!(
+                "expected RetriesExhausted, got {:?}",
+                other.map(|r| r.map(|_| ()))
+            ),
+        }
+        assert_eq!(limiter.limit("gpu").unwrap().waiters, 0);
     });
 }

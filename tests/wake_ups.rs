@@ -178,9 +178,21 @@ fn run(seed: u64, steps: usize) {
             desc = format!("step {step}: delete+create {n}");
             disturb(&mut epochs, n);
             let _ = limiter.delete_limit(n);
-            let cfg = LimitConfig::new(1 + rng.below(3) as u32)
-                .slot_decay_per_second([20.0, 100.0][rng.below(2) as usize]);
-            limiter.create_limit(n, cfg).unwrap();
+            let (cap, rate) = (
+                1 + rng.below(3) as u32,
+                [20.0, 100.0][rng.below(2) as usize],
+            );
+            // A waiter that lost it creates it again (inactive, limit 1).
+            if limiter.limit(n).is_some() {
+                let u = LimitUpdate::new()
+                    .limit(cap)
+                    .slot_decay_per_second(rate)
+                    .active(true);
+                limiter.update_limit(n, u).unwrap();
+            } else {
+                let cfg = LimitConfig::new(cap).slot_decay_per_second(rate);
+                limiter.create_limit(n, cfg).unwrap();
+            }
         } else {
             let ms = rng.below(30);
             desc = format!("step {step}: sleep {ms} ms");

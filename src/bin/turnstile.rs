@@ -1,8 +1,10 @@
-//! `turnstile`: administer a turnstile store, also while its owner runs.
+//! `turnstile`: administer a turnstile store, also while its owner runs, or
+//! the shared limits of a PostgreSQL namespace.
 //!
 //! The verbs and flags follow `prefect global-concurrency-limit`. A thin shell
-//! over [`turnstile::Admin`]: parsing, printing and exit codes live here,
-//! everything else in the library.
+//! over [`turnstile::Admin`] (a store) and [`turnstile::Limiter`] (shared
+//! limits): parsing, printing and exit codes live here, everything else in
+//! the library.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -10,15 +12,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use turnstile::{Admin, Error, LimitConfig, LimitInfo, LimitUpdate};
+use turnstile::{Admin, Error, LimitConfig, LimitInfo, LimitUpdate, Limiter};
 
-/// Administer the limits of a turnstile store.
+/// Administer the limits of a turnstile store or of a PostgreSQL namespace.
 #[derive(Debug, Parser)]
 #[command(name = "turnstile", version)]
 struct Cli {
-    /// The store (SQLite file).
+    /// The store: an SQLite file, or a PostgreSQL URL (`postgres://...`) or
+    /// connection string (`host=... dbname=...`) for shared limits.
     #[arg(long, env = "TURNSTILE_DB", global = true)]
-    db: Option<PathBuf>,
+    db: Option<String>,
+
+    /// The namespace of shared limits on PostgreSQL (default `turnstile`).
+    #[arg(long, env = "TURNSTILE_NAMESPACE", global = true)]
+    namespace: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -113,10 +120,121 @@ fn main() -> ExitCode {
     }
 }
 
+/// What the verbs act on: a store file, or a namespace of shared limits.
+enum Db {
+    File(PathBuf),
+    Shared {
+        url: String,
+        namespace: Option<String>,
+    },
+}
+
+/// An open store or namespace.
+enum Open {
+    File(Admin),
+    Shared(Limiter),
+}
+
+impl Db {
+    fn parse(db: String, namespace: Option<String>) -> Result<Db, String> {
+        let shared = db.starts_with("postgres://")
+            || db.starts_with("postgresql://")
+            || (db.contains('=') && !std::path::Path::new(&db).exists());
+        if shared {
+            return Ok(Db::Shared { url: db, namespace });
+        }
+        if namespace.is_some() {
+            return Err("--namespace applies to PostgreSQL (--db postgres://...) only".into());
+        }
+        Ok(Db::File(PathBuf::from(db)))
+    }
+
+    /// Opens it; only `create` makes a store or namespace that is missing.
+    fn open(&self, create: bool) -> Result<Open, Error> {
+        match self {
+            Db::File(path) if create => Admin::open_or_create(path).map(Open::File),
+            Db::File(path) => Admin::open(path).map(Open::File),
+            Db::Shared { url, namespace } => {
+                let mut builder = Limiter::builder()
+                    .postgres(url.clone())
+                    .create_namespace(create);
+                if let Some(ns) = namespace {
+                    builder = builder.namespace(ns.clone());
+                }
+                builder.build().map(Open::Shared)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Db::File(path) => path.display().to_string(),
+            Db::Shared { namespace, .. } => {
+                format!("namespace {}", namespace.as_deref().unwrap_or("turnstile"))
+            }
+        }
+    }
+}
+
+impl Open {
+    fn create_limit(&mut self, name: &str, config: LimitConfig) -> Result<LimitInfo, Error> {
+        match self {
+            Open::File(a) => a.create_limit(name, config),
+            Open::Shared(l) => l.create_limit(name, config),
+        }
+    }
+
+    fn update_limit(&mut self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
+        match self {
+            Open::File(a) => a.update_limit(name, update),
+            Open::Shared(l) => l.update_limit(name, update),
+        }
+    }
+
+    fn delete_limit(&mut self, name: &str) -> Result<(), Error> {
+        match self {
+            Open::File(a) => a.delete_limit(name),
+            Open::Shared(l) => l.delete_limit(name),
+        }
+    }
+
+    fn reset_limit(&mut self, name: &str) -> Result<LimitInfo, Error> {
+        match self {
+            Open::File(a) => a.reset_limit(name),
+            Open::Shared(l) => l.reset_limit(name),
+        }
+    }
+
+    fn limit(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
+        match self {
+            Open::File(a) => a.limit(name),
+            Open::Shared(l) => l.try_limit(name),
+        }
+    }
+
+    fn limits(&self) -> Result<Vec<LimitInfo>, Error> {
+        match self {
+            Open::File(a) => a.limits(),
+            Open::Shared(l) => l.try_limits(),
+        }
+    }
+
+    fn owner(&self) -> String {
+        match self {
+            Open::File(a) => match a.owner() {
+                Some(pid) => format!("owned by process {pid}"),
+                None => "no owner".to_string(),
+            },
+            Open::Shared(_) => "shared".to_string(),
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let db = cli
         .db
-        .ok_or("no store given: pass --db PATH or set TURNSTILE_DB")?;
+        .ok_or("no store given: pass --db PATH (or postgres://...) or set TURNSTILE_DB")?;
+    let db = Db::parse(db, cli.namespace)?;
     let text = |e: Error| e.to_string();
     let mut out = std::io::stdout().lock();
     match cli.command {
@@ -131,13 +249,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 .active(!disable);
             // Judge the input before a store file can come into being.
             config.check(&name).map_err(text)?;
-            let info = Admin::open_or_create(&db)
+            let info = db
+                .open(true)
                 .and_then(|mut a| a.create_limit(&name, config))
                 .map_err(text)?;
             writeln!(out, "Created limit {:?}.", info.name).map_err(io)?;
         }
         Command::Ls { output } => {
-            let all = Admin::open(&db).and_then(|a| a.limits()).map_err(text)?;
+            let all = db.open(false).and_then(|a| a.limits()).map_err(text)?;
             match output {
                 Format::Table => write!(out, "{}", table(&all)).map_err(io)?,
                 Format::Json => writeln!(
@@ -149,7 +268,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         Command::Inspect { name, output } => {
-            let info = Admin::open(&db)
+            let info = db
+                .open(false)
                 .and_then(|a| a.limit(&name))
                 .map_err(text)?
                 .ok_or_else(|| text(Error::NotFound { name }))?;
@@ -185,13 +305,13 @@ fn run(cli: Cli) -> Result<(), String> {
             updated(&db, &name, LimitUpdate::new().active(false), &mut out)?
         }
         Command::Reset { name } => {
-            Admin::open(&db)
+            db.open(false)
                 .and_then(|mut a| a.reset_limit(&name))
                 .map_err(text)?;
             writeln!(out, "Reset limit {name:?}.").map_err(io)?;
         }
         Command::Delete { name, yes } => {
-            let mut admin = Admin::open(&db).map_err(text)?;
+            let mut admin = db.open(false).map_err(text)?;
             admin
                 .limit(&name)
                 .map_err(text)?
@@ -213,18 +333,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 .ok_or_else(|| {
                     format!("invalid --interval {interval}: give a positive number of seconds")
                 })?;
-            let admin = Admin::open(&db).map_err(text)?;
+            let admin = db.open(false).map_err(text)?;
             loop {
                 let all = admin.limits().map_err(text)?;
-                let owner = match admin.owner() {
-                    Some(pid) => format!("owned by process {pid}"),
-                    None => "no owner".to_string(),
-                };
+                let owner = admin.owner();
                 // Clear the screen and home the cursor, then redraw.
                 write!(
                     out,
                     "\x1b[2J\x1b[H{}  ({owner})\n\n{}",
-                    db.display(),
+                    db.describe(),
                     table(&all)
                 )
                 .map_err(io)?;
@@ -236,13 +353,8 @@ fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
-fn updated(
-    db: &PathBuf,
-    name: &str,
-    update: LimitUpdate,
-    out: &mut impl Write,
-) -> Result<(), String> {
-    Admin::open(db)
+fn updated(db: &Db, name: &str, update: LimitUpdate, out: &mut impl Write) -> Result<(), String> {
+    db.open(false)
         .and_then(|mut a| a.update_limit(name, update))
         .map_err(|e| e.to_string())?;
     writeln!(out, "Updated limit {name:?}.").map_err(io)

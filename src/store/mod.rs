@@ -59,7 +59,7 @@ pub(crate) fn storage_err(
 /// its messages, line breaks, control characters and all, and the CLI
 /// promises a one-line error. Runs of white space become one space; other
 /// control characters are escaped.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.trim().chars() {
@@ -169,7 +169,9 @@ impl Db {
     }
 
     /// Applies definitions committed by other processes since the last look.
-    pub fn pull(&mut self, state: &Engine) -> Result<(), Error> {
+    /// The caller delivers `wakes` once it has let go of this store's lock
+    /// too: a waker may run its task, which may need the store.
+    pub fn pull(&mut self, state: &Engine, wakes: &mut Wakes) -> Result<(), Error> {
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -181,7 +183,6 @@ impl Db {
             schema::definitions(&self.conn).map_err(|e| self.err("cannot read limits", e))?;
         self.data_version = version;
         let now = Instant::now();
-        let mut wakes = Wakes::new();
         {
             let mut state = state.lock();
             for (name, def) in &rows {
@@ -199,7 +200,7 @@ impl Db {
                     .as_ref()
                     .is_some_and(|(_, s)| s.incarnation != row.1.incarnation);
                 if reborn {
-                    let _ = state.delete(name, now, &mut wakes);
+                    let _ = state.delete(name, now, wakes);
                 }
                 let update = LimitUpdate::new()
                     .limit(def.limit)
@@ -211,13 +212,13 @@ impl Db {
                 let applied = if state.reg.lookup(name).is_none() {
                     state.create(name, &row.0, now).map(|_| ())
                 } else {
-                    state.update(name, &update, now, &mut wakes).map(|_| ())
+                    state.update(name, &update, now, wakes).map(|_| ())
                 };
                 if applied.is_ok()
                     && !reborn
                     && old.as_ref().is_some_and(|(_, s)| s.resets != row.1.resets)
                 {
-                    let _ = state.reset(name, now, &mut wakes);
+                    let _ = state.reset(name, now, wakes);
                 }
                 if let Some(limit) = state.reg.by_name_mut(name) {
                     limit.stored = row.1;
@@ -232,10 +233,9 @@ impl Db {
                 .map(|(_, l)| l.name.clone())
                 .collect();
             for name in gone {
-                let _ = state.delete(&name, now, &mut wakes);
+                let _ = state.delete(&name, now, wakes);
             }
         }
-        crate::limiter::deliver(wakes);
         Ok(())
     }
 
@@ -311,6 +311,16 @@ fn check_row(path: &Path, name: &str, def: &Definition) -> Result<(), Error> {
     Ok(())
 }
 
+/// A name found twice: the primary key forbids it, so the file is damaged (a
+/// page copied over another does it) or its schema was edited.
+fn appears_twice(path: &Path, name: &str) -> Error {
+    Error::Storage {
+        path: path.display().to_string(),
+        message: format!("limit {name:?} appears twice in the store: it is damaged"),
+        source: None,
+    }
+}
+
 /// A row's counters, as a limit in memory records them.
 fn stored_of(def: &Definition) -> Stored {
     // Truncated on purpose (see `Stored`).
@@ -356,11 +366,16 @@ impl Store {
         if schema::sniff(path)?.is_some_and(|len| len > 0) {
             let reading = open_for_reading(path)?;
             if let Found::Store { version } = schema::inspect(&reading, path)? {
+                schema::quick_check(&reading, path)?;
                 if version == schema::VERSION {
                     let rows = schema::load(&reading)
                         .map_err(|e| storage_err(path, "cannot read limits", e))?;
+                    let mut seen = HashSet::with_capacity(rows.len());
                     for (name, def, _) in &rows {
                         check_row(path, name, def)?;
+                        if !seen.insert(name.as_str()) {
+                            return Err(appears_twice(path, name));
+                        }
                     }
                 }
             }
@@ -484,13 +499,9 @@ impl Db {
             check_row(&self.path, &name, &def)?;
             let config = config_of(&def);
             if state.reg.lookup(&name).is_some() {
-                // The primary key forbids it: the file is damaged (a page
-                // copied over another does it) or its schema was edited.
-                return Err(Error::Storage {
-                    path: self.path.display().to_string(),
-                    message: format!("limit {name:?} appears twice in the store: it is damaged"),
-                    source: None,
-                });
+                // Checked before anything was written too; this one is
+                // for a file changed since.
+                return Err(appears_twice(&self.path, &name));
             }
             let idx = state.reg.insert(&name, &config, now);
             if let Some(row) = slots {

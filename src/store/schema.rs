@@ -139,7 +139,126 @@ pub fn inspect(conn: &Connection, path: &Path) -> Result<Found, Error> {
             "turnstile application id but version {version}"
         )));
     }
+    check_tables(conn, path, version)?;
     Ok(Found::Store { version })
+}
+
+/// The tables of a store of `version`: each with its columns and its
+/// primary key (the first column listed).
+fn tables(version: i32) -> Vec<(&'static str, Vec<&'static str>)> {
+    let mut limits = vec!["name", "limit", "active", "slot_decay_per_second"];
+    if version >= 2 {
+        limits.extend(["revision", "reset_count"]);
+    }
+    if version >= 3 {
+        limits.push("incarnation");
+    }
+    let slot_state = vec![
+        "name",
+        "held_slots",
+        "decaying_slots",
+        "decaying_at",
+        "denied_slots",
+        "avg_slot_occupancy_seconds",
+        "waiters",
+    ];
+    let mut tables = vec![("limits", limits), ("slot_state", slot_state)];
+    if version >= 2 {
+        tables.push(("meta", vec!["key", "value"]));
+    }
+    tables
+}
+
+/// Checks that a store's tables have the columns and primary keys that
+/// writing to it needs, by reading only.
+///
+/// Another tool can rebuild a table without its constraints (`CREATE TABLE
+/// .. AS SELECT`, as a hand edit may): every read still works, but the
+/// write-behind's upsert needs the primary key, so such a store used to open
+/// and then fail at every sweep and `flush()`, its slot state never saved.
+/// It is refused here instead, before anything is written.
+fn check_tables(conn: &Connection, path: &Path, version: i32) -> Result<(), Error> {
+    let damaged = |what: String| Error::Storage {
+        path: path.display().to_string(),
+        message: format!("damaged store: {what}; it was left as it was"),
+        source: None,
+    };
+    let mut stmt = conn
+        .prepare("SELECT name, pk FROM pragma_table_info(?1)")
+        .map_err(|e| storage_err(path, "cannot read the schema", e))?;
+    for (table, columns) in tables(version) {
+        let found: Vec<(String, i64)> = stmt
+            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| storage_err(path, "cannot read the schema", e))?;
+        if found.is_empty() {
+            return Err(damaged(format!("table {table:?} is missing")));
+        }
+        if let Some(column) = columns
+            .iter()
+            .find(|c| !found.iter().any(|(name, _)| name == *c))
+        {
+            return Err(damaged(format!("table {table:?} has no column {column:?}")));
+        }
+        let key: Vec<&str> = found
+            .iter()
+            .filter(|(_, pk)| *pk > 0)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if key != columns[..1] {
+            return Err(damaged(format!(
+                "table {table:?} lacks its primary key on {:?} (rebuilt by another tool?)",
+                columns[0]
+            )));
+        }
+    }
+    // With foreign keys on, every write to slot_state resolves its reference
+    // to limits: a reference to another table or column (a flipped bit in
+    // the schema's text) fails them all.
+    let references: Vec<(String, Option<String>)> = conn
+        .prepare(r#"SELECT "table", "to" FROM pragma_foreign_key_list('slot_state')"#)
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+        .map_err(|e| storage_err(path, "cannot read the schema", e))?;
+    for (table, to) in references {
+        let to_name = to
+            .as_deref()
+            .is_none_or(|to| to.eq_ignore_ascii_case("name"));
+        if !table.eq_ignore_ascii_case("limits") || !to_name {
+            return Err(damaged(format!(
+                "table \"slot_state\" refers to {table:?}({}) instead of \"limits\"(\"name\")",
+                to.map(|to| format!("{to:?}")).unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs SQLite's `quick_check` (the structure of every page and table, in
+/// one pass over the file: a few percent of what reading the rows costs);
+/// an error names the first problem it found.
+///
+/// Damage that the rows read at open do not cross (a page of the tables'
+/// b-trees that only a write visits, say) would otherwise pass `open` and
+/// fail every write-behind sweep and `flush()` after it.
+pub fn quick_check(conn: &Connection, path: &Path) -> Result<(), Error> {
+    let problems: Vec<String> = conn
+        .prepare("PRAGMA quick_check(3)")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+        .map_err(|e| storage_err(path, "damaged store: quick_check cannot read it", e))?;
+    match problems.first() {
+        Some(ok) if problems.len() == 1 && ok == "ok" => Ok(()),
+        _ => Err(Error::Storage {
+            path: path.display().to_string(),
+            message: super::one_line(&format!(
+                "damaged store: SQLite's quick_check reports {}; it was left as it was",
+                problems.join("; ")
+            )),
+            source: None,
+        }),
+    }
 }
 
 /// Creates the current schema in an empty database, in one transaction.

@@ -14,6 +14,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::{schema, Persist};
+use crate::limiter::deliver;
+use crate::waiters::Wakes;
 use crate::Error;
 
 pub(crate) enum Msg {
@@ -60,8 +62,13 @@ fn run(persist: &Persist, rx: &Receiver<Msg>, interval: Duration) {
 
 /// Picks up other processes' definitions, then saves changed slot state.
 fn sync(persist: &Persist) -> Result<(), Error> {
+    let mut wakes = Wakes::new();
     let mut db = persist.db.lock();
-    db.pull(&persist.state)?;
-    db.save(&persist.state)?;
-    Ok(())
+    let synced = db
+        .pull(&persist.state, &mut wakes)
+        .and_then(|()| db.save(&persist.state));
+    // The wakers after every lock: a task run by its waker may need the store.
+    drop(db);
+    deliver(wakes);
+    synced.map(drop)
 }
