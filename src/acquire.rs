@@ -465,11 +465,6 @@ impl<'a> IntoFuture for Acquire<'a> {
 
     #[inline(always)]
     fn into_future(self) -> AcquireFuture {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.limiter.shared.remote {
-            let wait = remote::wait(remote, &self.spec, false);
-            return AcquireFuture(Attempt::remote(&self.limiter.shared, wait));
-        }
         AcquireFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
@@ -564,11 +559,6 @@ impl<'a> IntoFuture for RateLimit<'a> {
 
     #[inline]
     fn into_future(self) -> RateLimitFuture {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.limiter.shared.remote {
-            let wait = remote::wait(remote, &self.spec, true);
-            return RateLimitFuture(Attempt::remote(&self.limiter.shared, wait));
-        }
         RateLimitFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
@@ -596,8 +586,7 @@ impl Future for AcquireFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let attempt = &mut self.get_mut().0;
         #[cfg(feature = "postgres")]
-        if let Attempt::Remote(on) = attempt {
-            let (shared, wait) = &mut **on;
+        if let Some((shared, wait)) = attempt.remote() {
             return Pin::new(&mut *wait)
                 .poll(cx)
                 .map(|grant| Ok(remote::guard(shared, grant?, wait.ask())));
@@ -633,8 +622,7 @@ impl Future for RateLimitFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let attempt = &mut self.get_mut().0;
         #[cfg(feature = "postgres")]
-        if let Attempt::Remote(on) = attempt {
-            let (shared, wait) = &mut **on;
+        if let Some((shared, wait)) = attempt.remote() {
             return Pin::new(&mut *wait).poll(cx).map(|grant| {
                 remote::rate_acquired(shared, &grant?, wait.ask());
                 Ok(())
@@ -777,7 +765,11 @@ enum Named {
 impl Attempt {
     #[inline(always)]
     fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Attempt {
-        let one = (shared.observer.is_none() && spec.occupy > 0)
+        #[cfg(feature = "postgres")]
+        let local = shared.remote.is_none();
+        #[cfg(not(feature = "postgres"))]
+        let local = true;
+        let one = (local && shared.observer.is_none() && spec.occupy > 0)
             .then(|| spec.names.single())
             .flatten()
             .and_then(|name| recent::Key::new(shared.id, name));
@@ -794,11 +786,43 @@ impl Attempt {
         })
     }
 
-    /// An acquisition on shared limits: the remote engine waits.
+    /// On shared limits, the limiter and the remote engine's wait, made at
+    /// the first poll (nothing is asked of the server before it);
+    /// `None` in one process.
     #[cfg(feature = "postgres")]
+    #[inline(always)]
+    fn remote(&mut self) -> Option<(&Arc<Shared>, &mut crate::postgres::acquire::RemoteWait)> {
+        if let Attempt::Fresh(fresh) = self {
+            if fresh.shared.as_ref().is_some_and(|s| s.remote.is_some()) {
+                self.go_remote();
+            }
+        }
+        match self {
+            Attempt::Remote(on) => Some((&on.0, &mut on.1)),
+            _ => None,
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[cold]
     #[inline(never)]
-    fn remote(shared: &Arc<Shared>, wait: crate::postgres::acquire::RemoteWait) -> Attempt {
-        Attempt::Remote(Box::new((shared.clone(), wait)))
+    fn go_remote(&mut self) {
+        let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
+            unreachable!("checked by the caller");
+        };
+        let Named::Names(names) = fresh.name else {
+            unreachable!("shared acquisitions keep their names owned");
+        };
+        let shared = fresh.shared.expect("not taken before the first poll");
+        let spec = Spec {
+            names: *names,
+            occupy: fresh.occupy,
+            kind: fresh.kind,
+            opts: fresh.opts,
+        };
+        let on = shared.remote.as_ref().expect("checked by the caller");
+        let wait = remote::wait(on, &spec, spec.kind == Kind::RateLimit);
+        *self = Attempt::Remote(Box::new((shared, wait)));
     }
 
     /// The first attempt, on the uncontended path: `Pending` when the task
