@@ -76,11 +76,12 @@
 //! an `.await` that fits at once allocates nothing and reads no clock (a
 //! `String` name costs only the `String`). Measured on 2 shared cores (an
 //! `.await` plus the guard's release, medians of interleaved batches,
-//! `examples/async_overhead.rs`): 72 ns, 1.14× the blocking `acquire()`
-//! (63 ns; the `.await` was 2.5× it before this path), and about 2× tokio's
-//! `acquire().await` (32 to 38 ns), which has no names to look up. An
-//! acquisition that must wait, or that names several limits, owns its
-//! names and its queue entry on the heap.
+//! `examples/async_overhead.rs`): 72 ns, 1.05× the blocking `acquire()`
+//! (69 ns; the `.await` was 2.5× it before this path), and about 2.3×
+//! tokio's `acquire().await` (31 to 33 ns), which has no names to look up.
+//! An acquisition that must wait, or that names several limits, owns its
+//! names and its queue entry on the heap. On shared limits (PostgreSQL) the
+//! future makes its request at its first poll, and waits on the server.
 //!
 //! ### Cooperative scheduling
 //!
@@ -103,9 +104,9 @@
 //! spreads 4 tasks over 2 threads (3 on one, 1 on the other gives 0.33);
 //! `examples/async_fairness.rs` measures it. It costs the uncontended
 //! `.await` about 14 instructions (1 to 2 ns) and one extra poll per 128
-//! acquisitions. An optional `tokio`
-//! feature that spends tokio's own budget was not taken: it would tie the
-//! build to tokio's internals and help only under tokio.
+//! acquisitions. An optional `tokio` feature that spends tokio's own budget
+//! was not taken: it would tie the build to tokio's internals and help only
+//! under tokio.
 //!
 //! ### Cancel safety
 //!
