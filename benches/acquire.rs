@@ -502,6 +502,12 @@ fn main() {
         Target::None,
     );
     t.times(
+        "1. async .await + release vs blocking acquire + release",
+        ("async", m("uncontended_async", "turnstile")),
+        ("blocking", m("uncontended_blocking", "turnstile")),
+        Target::AtMost(1.2),
+    );
+    t.times(
         "1. try_acquire + release vs floor",
         ours("uncontended_try", "turnstile"),
         ("mutex_condvar", m("uncontended_try", "mutex_condvar")),

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::cell::Take;
+use crate::cell;
 use crate::clock::LazyNow;
 use crate::event::Event;
 use crate::guard::ConcurrencyGuard;
 use crate::limiter::{deliver, Limiter, Shared};
-use crate::names::Names;
+use crate::names::{IntoNames, Names};
 use crate::recent;
 use crate::registry::LimitId;
 use crate::state::{Begin, Look, Request};
@@ -248,20 +248,11 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
     let mut remember = None;
     if spec.kind == Kind::Concurrency {
         remember = recent::Key::new(shared.id, name);
-        if let Some(id) = remember.as_ref().and_then(recent::find) {
-            let cells = &shared.index.cells;
-            match cells.get(id.idx).map(|c| c.try_take(id.uid, spec.occupy)) {
-                Some(Take::Taken) => {
-                    if shared.store.is_some() {
-                        cells.mark(id.idx);
-                    }
-                    return Some(id);
-                }
-                // Free but without room: the general path queues or refuses.
-                Some(Take::Full) => return None,
-                // Claimed, or the name is another limit's now: the lock
-                // decides (and this thread remembers what it finds).
-                Some(Take::Ask) | None => {}
+        if let Some(key) = &remember {
+            match take_remembered(shared, key, spec.occupy) {
+                Found::Taken(id) => return Some(id),
+                Found::Full => return None,
+                Found::Ask => {}
             }
         }
     }
@@ -269,6 +260,37 @@ fn fast(shared: &Shared, spec: &Spec<'_>, mut now: LazyNow) -> Option<LimitId> {
         .state
         .lock()
         .take_one(name, spec.occupy, spec.kind, &mut now, remember)
+}
+
+/// The lock-free step of [`fast`]: takes held slots from the cell of the
+/// limit this thread last found under `key`'s name. `Ask` leaves the
+/// decision to the engine's lock.
+#[inline]
+fn take_remembered(shared: &Shared, key: &recent::Key, occupy: u32) -> Found {
+    let Some(id) = recent::find(key) else {
+        return Found::Ask;
+    };
+    let cells = &shared.index.cells;
+    match cells.get(id.idx).map(|c| c.try_take(id.uid, occupy)) {
+        Some(cell::Take::Taken) => {
+            if shared.store.is_some() {
+                cells.mark(id.idx);
+            }
+            Found::Taken(id)
+        }
+        // Free but without room: the general path queues or refuses.
+        Some(cell::Take::Full) => Found::Full,
+        // Claimed, or the name is another limit's now: the lock decides
+        // (and this thread remembers what it finds).
+        Some(cell::Take::Ask) | None => Found::Ask,
+    }
+}
+
+/// What [`take_remembered`] found.
+enum Found {
+    Taken(LimitId),
+    Full,
+    Ask,
 }
 
 /// Tells the observer what was taken.
@@ -343,7 +365,12 @@ macro_rules! options {
 /// # Cancel safety
 ///
 /// Dropping the future of `.await` at any point, including the instant slots
-/// were granted to it, leaves nothing taken and nobody queued.
+/// were granted to it, leaves nothing taken and nobody queued. That includes
+/// the one poll in 128 at which a task whose acquisitions all fit at once
+/// yields to its executor (see the crate docs, *Cooperative scheduling*):
+/// that poll returns `Pending` before attempting anything, so a future
+/// dropped then has nothing to give back, and one polled again attempts at
+/// once.
 #[must_use = "an acquisition does nothing until .acquire(), .try_acquire() or .await"]
 pub struct Acquire<'a> {
     limiter: &'a Limiter,
@@ -436,20 +463,19 @@ impl<'a> IntoFuture for Acquire<'a> {
     type Output = Result<ConcurrencyGuard, Error>;
     type IntoFuture = AcquireFuture;
 
+    #[inline(always)]
     fn into_future(self) -> AcquireFuture {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.limiter.shared.remote {
-            let wait = remote::wait(remote, &self.spec, false);
-            return AcquireFuture(Fut::Remote(self.limiter.shared.clone(), wait));
-        }
-        AcquireFuture(Fut::Local(Waiting::new(&self.limiter.shared, self.spec)))
+        AcquireFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
 
 /// A rate-limit acquisition, made by [`Limiter::rate_limit`]: it blocks until
 /// `occupy` slots fit on every named limit and takes them as decaying slots.
 ///
-/// Fair and cancel-safe as [`Acquire`]. A waiter held back only by decay is
+/// Fair and cancel-safe as [`Acquire`], and its future yields to the
+/// executor as [`Acquire`]'s does (see its `# Cancel safety`): a yielded
+/// `rate_limit(..).await` has taken no slots, so dropping it then costs no
+/// pace. A waiter held back only by decay is
 /// woken at the exact instant enough slots have drained, and charged from that
 /// instant, so timer lateness costs no pace.
 #[must_use = "a rate limit does nothing until .acquire(), .try_acquire() or .await"]
@@ -531,57 +557,59 @@ impl<'a> IntoFuture for RateLimit<'a> {
     type Output = Result<(), Error>;
     type IntoFuture = RateLimitFuture;
 
+    #[inline]
     fn into_future(self) -> RateLimitFuture {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.limiter.shared.remote {
-            let wait = remote::wait(remote, &self.spec, true);
-            return RateLimitFuture(Fut::Remote(self.limiter.shared.clone(), wait));
-        }
-        RateLimitFuture(Fut::Local(Waiting::new(&self.limiter.shared, self.spec)))
+        RateLimitFuture(Attempt::new(&self.limiter.shared, self.spec))
     }
 }
 
 /// The future of [`Acquire`]'s `.await`: resolves to a guard.
 ///
 /// Works under any executor; timeouts and decay waits use turnstile's own
-/// timer thread. Dropping it gives back anything it took.
+/// timer thread. Nothing is attempted before the first poll, and dropping it
+/// gives back anything it took. A task whose acquisitions all fit at once
+/// yields to the executor once every 128 of them (see the crate docs,
+/// *Async*).
 #[must_use = "futures do nothing unless polled"]
-pub struct AcquireFuture(Fut);
+pub struct AcquireFuture(Attempt);
 
 /// The future of [`RateLimit`]'s `.await`.
 ///
-/// Works under any executor; dropping it gives back anything it took.
+/// Works under any executor; dropping it gives back anything it took. It
+/// yields as [`AcquireFuture`] does.
 #[must_use = "futures do nothing unless polled"]
-pub struct RateLimitFuture(Fut);
-
-/// The engine a future waits on.
-enum Fut {
-    Local(Waiting),
-    #[cfg(feature = "postgres")]
-    Remote(Arc<Shared>, crate::postgres::acquire::RemoteWait),
-}
+pub struct RateLimitFuture(Attempt);
 
 impl Future for AcquireFuture {
     type Output = Result<ConcurrencyGuard, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = match &mut self.get_mut().0 {
-            Fut::Local(waiting) => waiting,
-            #[cfg(feature = "postgres")]
-            Fut::Remote(shared, wait) => {
-                return Pin::new(&mut *wait)
-                    .poll(cx)
-                    .map(|grant| Ok(remote::guard(shared, grant?, wait.ask())));
+        let attempt = &mut self.get_mut().0;
+        #[cfg(feature = "postgres")]
+        if let Some((shared, wait)) = attempt.remote() {
+            return Pin::new(&mut *wait)
+                .poll(cx)
+                .map(|grant| Ok(remote::guard(shared, grant?, wait.ask())));
+        }
+        let first = match attempt.poll_first(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(First::Taken(shared, id, occupy)) => {
+                let ids = Ids::from_elem(id, 1);
+                return Poll::Ready(Ok(ConcurrencyGuard::new(shared, ids, occupy)));
             }
+            Poll::Ready(First::General(first)) => first,
         };
-        waiting.poll(cx).map(|taken| {
-            let taken = taken?;
-            let shared = waiting.shared.clone();
-            acquired(&shared, &taken, waiting.spec.occupy, Kind::Concurrency);
+        attempt.poll_general(cx, first).map(|granted| {
+            let Granted {
+                shared,
+                taken,
+                occupy,
+            } = granted?;
+            acquired(&shared, &taken, occupy, Kind::Concurrency);
             Ok(ConcurrencyGuard::granted(
                 shared,
                 taken.ids,
-                waiting.spec.occupy,
+                occupy,
                 taken.granted_at,
             ))
         })
@@ -592,21 +620,25 @@ impl Future for RateLimitFuture {
     type Output = Result<(), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let waiting = match &mut self.get_mut().0 {
-            Fut::Local(waiting) => waiting,
-            #[cfg(feature = "postgres")]
-            Fut::Remote(shared, wait) => {
-                return Pin::new(&mut *wait).poll(cx).map(|grant| {
-                    remote::rate_acquired(shared, &grant?, wait.ask());
-                    Ok(())
-                });
-            }
+        let attempt = &mut self.get_mut().0;
+        #[cfg(feature = "postgres")]
+        if let Some((shared, wait)) = attempt.remote() {
+            return Pin::new(&mut *wait).poll(cx).map(|grant| {
+                remote::rate_acquired(shared, &grant?, wait.ask());
+                Ok(())
+            });
+        }
+        let first = match attempt.poll_first(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(First::Taken(..)) => return Poll::Ready(Ok(())),
+            Poll::Ready(First::General(first)) => first,
         };
-        waiting.poll(cx).map(|taken| {
+        attempt.poll_general(cx, first).map(|granted| {
+            let granted = granted?;
             acquired(
-                &waiting.shared,
-                &taken?,
-                waiting.spec.occupy,
+                &granted.shared,
+                &granted.taken,
+                granted.occupy,
                 Kind::RateLimit,
             );
             Ok(())
@@ -614,12 +646,14 @@ impl Future for RateLimitFuture {
     }
 }
 
-impl fmt::Debug for Fut {
+impl fmt::Debug for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Fut::Local(waiting) => f.debug_tuple("Local").field(&waiting.ticket).finish(),
+            Attempt::Fresh(_) => f.write_str("Fresh"),
+            Attempt::Waiting(waiting) => f.debug_tuple("Local").field(&waiting.ticket).finish(),
+            Attempt::Done => f.write_str("Done"),
             #[cfg(feature = "postgres")]
-            Fut::Remote(..) => f.write_str("Shared"),
+            Attempt::Remote(..) => f.write_str("Shared"),
         }
     }
 }
@@ -636,6 +670,262 @@ impl fmt::Debug for RateLimitFuture {
     }
 }
 
+/// Immediate grants in a row to one task on one thread, after which its
+/// next first poll yields once to the executor before it attempts anything.
+///
+/// A future that is ready at its first poll never returns to the executor,
+/// so a task looping on acquisitions that always fit would keep its worker
+/// thread forever, and the tasks queued behind it on that thread would never
+/// run (with 4 such tasks on 2 tokio workers, 2 of them made no acquisition
+/// at all). tokio's own resources charge a per-task budget that the runtime
+/// keeps; a limiter for every executor cannot see the runtime, so it
+/// recognises the task by its waker and counts on each thread the grants it
+/// made at first poll with no other task's acquisition in between and no
+/// wait. As tokio's, the budget is 128.
+const COOP_BUDGET: u32 = 128;
+
+thread_local! {
+    /// The task whose immediate grants this thread is counting (its
+    /// waker's data pointer), and their number.
+    static STREAK: std::cell::Cell<(usize, u32)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Counts a first attempt about to be made by the task of `cx`, as a grant;
+/// `true` when the task has used up its budget and must yield first (its
+/// count then starts again). A task is known by its waker's data pointer:
+/// the same for every poll of a task under tokio, `futures` and smol;
+/// wakers of two tasks that shared one would only make them yield sooner.
+#[inline(always)]
+fn coop_spent(cx: &Context<'_>) -> bool {
+    let task = cx.waker().data() as usize;
+    STREAK.with(|streak| {
+        let (last, grants) = streak.get();
+        let grants = if last == task { grants + 1 } else { 1 };
+        let spent = grants > COOP_BUDGET;
+        streak.set((task, if spent { 0 } else { grants }));
+        spent
+    })
+}
+
+/// A first attempt that had to wait: the task returns to the executor
+/// anyway, so its count starts again.
+fn coop_waits() {
+    STREAK.with(|streak| streak.set((streak.get().0, 0)));
+}
+
+/// What an async acquisition resolves with, before it becomes a guard.
+struct Granted {
+    shared: Arc<Shared>,
+    taken: Taken,
+    occupy: u32,
+}
+
+/// An async acquisition: its first attempt, then, if that did not settle
+/// it at once, the general path ([`Waiting`]).
+enum Attempt {
+    /// Not attempted yet: nothing taken, nobody queued.
+    Fresh(Fresh),
+    /// Past a first attempt that did not settle it on the uncontended path
+    /// (boxed: the future stays small to move, and this path allocates
+    /// anyway).
+    Waiting(Box<Waiting>),
+    /// Resolved on the uncontended path.
+    Done,
+    /// On shared limits (PostgreSQL): the remote engine's wait (boxed: the
+    /// local future stays small).
+    #[cfg(feature = "postgres")]
+    Remote(Box<(Arc<Shared>, crate::postgres::acquire::RemoteWait)>),
+}
+
+/// An async acquisition before its first attempt.
+struct Fresh {
+    /// Always `Some` until the uncontended path settles the acquisition and
+    /// takes it for the guard.
+    shared: Option<Arc<Shared>>,
+    name: Named,
+    occupy: u32,
+    kind: Kind,
+    opts: Options,
+    /// Has yielded to the executor once (see [`COOP_BUDGET`]): the next poll
+    /// attempts.
+    yielded: bool,
+}
+
+/// The names of an async acquisition before its first attempt.
+enum Named {
+    /// One name that the uncontended path may serve, kept inline in its key:
+    /// the future has no copy of it on the heap unless it must wait.
+    One(recent::Key),
+    /// Anything else (several names, a name longer than a key holds,
+    /// `occupy == 0`, an observer to tell): owned, and boxed to keep the
+    /// future small.
+    Names(Box<Names<'static>>),
+}
+
+impl Attempt {
+    #[inline(always)]
+    fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Attempt {
+        #[cfg(feature = "postgres")]
+        let local = shared.remote.is_none();
+        #[cfg(not(feature = "postgres"))]
+        let local = true;
+        let one = (local && shared.observer.is_none() && spec.occupy > 0)
+            .then(|| spec.names.single())
+            .flatten()
+            .and_then(|name| recent::Key::new(shared.id, name));
+        Attempt::Fresh(Fresh {
+            shared: Some(shared.clone()),
+            name: match one {
+                Some(key) => Named::One(key),
+                None => Named::Names(Box::new(spec.names.into_owned())),
+            },
+            occupy: spec.occupy,
+            kind: spec.kind,
+            opts: spec.opts,
+            yielded: false,
+        })
+    }
+
+    /// On shared limits, the limiter and the remote engine's wait, made at
+    /// the first poll (nothing is asked of the server before it);
+    /// `None` in one process.
+    #[cfg(feature = "postgres")]
+    #[inline(always)]
+    fn remote(&mut self) -> Option<(&Arc<Shared>, &mut crate::postgres::acquire::RemoteWait)> {
+        if let Attempt::Fresh(fresh) = self {
+            if fresh.shared.as_ref().is_some_and(|s| s.remote.is_some()) {
+                self.go_remote();
+            }
+        }
+        match self {
+            Attempt::Remote(on) => Some((&on.0, &mut on.1)),
+            _ => None,
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[cold]
+    #[inline(never)]
+    fn go_remote(&mut self) {
+        let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
+            unreachable!("checked by the caller");
+        };
+        let Named::Names(names) = fresh.name else {
+            unreachable!("shared acquisitions keep their names owned");
+        };
+        let shared = fresh.shared.expect("not taken before the first poll");
+        let spec = Spec {
+            names: *names,
+            occupy: fresh.occupy,
+            kind: fresh.kind,
+            opts: fresh.opts,
+        };
+        let on = shared.remote.as_ref().expect("checked by the caller");
+        let wait = remote::wait(on, &spec, spec.kind == Kind::RateLimit);
+        *self = Attempt::Remote(Box::new((shared, wait)));
+    }
+
+    /// The first attempt, on the uncontended path: `Pending` when the task
+    /// yields first (see [`COOP_BUDGET`]), `Ready(First::General(_))` when
+    /// this is past the first attempt or it did not settle the acquisition
+    /// (the general path then takes over).
+    #[inline(always)]
+    fn poll_first(&mut self, cx: &mut Context<'_>) -> Poll<First> {
+        let Attempt::Fresh(fresh) = self else {
+            return Poll::Ready(First::General(false));
+        };
+        if !fresh.yielded && coop_spent(cx) {
+            fresh.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        if let Some(id) = fresh.fast() {
+            // Taken out rather than moving the whole future out of the way:
+            // measurably cheaper on this path.
+            let shared = fresh.shared.take().expect("only taken here");
+            let occupy = fresh.occupy;
+            *self = Attempt::Done;
+            return Poll::Ready(First::Taken(shared, id, occupy));
+        }
+        let Attempt::Fresh(fresh) = std::mem::replace(self, Attempt::Done) else {
+            unreachable!("matched above");
+        };
+        *self = Attempt::Waiting(Box::new(fresh.into_waiting()));
+        Poll::Ready(First::General(true))
+    }
+
+    /// The general path ([`Waiting`]); `first`: its first poll.
+    fn poll_general(&mut self, cx: &mut Context<'_>, first: bool) -> Poll<Result<Granted, Error>> {
+        let Attempt::Waiting(waiting) = self else {
+            panic!("turnstile future polled after completion");
+        };
+        let poll = waiting.poll(cx).map(|taken| {
+            Ok(Granted {
+                shared: waiting.shared.clone(),
+                taken: taken?,
+                occupy: waiting.spec.occupy,
+            })
+        });
+        if first && poll.is_pending() {
+            coop_waits();
+        }
+        poll
+    }
+}
+
+/// How [`Attempt::poll_first`] ended.
+enum First {
+    /// Taken on the uncontended path, from one limit: `occupy` slots.
+    Taken(Arc<Shared>, LimitId, u32),
+    /// Left to the general path; `true` if this is its first poll.
+    General(bool),
+}
+
+impl Fresh {
+    /// [`fast`] for a future: the same lock-free take (or one lock), no
+    /// allocation, no clock read for a concurrency acquisition. `None`
+    /// leaves the first attempt to [`Waiting`], which decides and reports
+    /// exactly as if this had not been tried.
+    #[inline(always)]
+    fn fast(&self) -> Option<LimitId> {
+        let (Named::One(key), Some(shared)) = (&self.name, &self.shared) else {
+            return None;
+        };
+        let mut remember = None;
+        if self.kind == Kind::Concurrency {
+            match take_remembered(shared, key, self.occupy) {
+                Found::Taken(id) => return Some(id),
+                Found::Full => return None,
+                Found::Ask => remember = Some(*key),
+            }
+        }
+        key.with_name(|name| {
+            shared.state.lock().take_one(
+                name,
+                self.occupy,
+                self.kind,
+                &mut LazyNow::default(),
+                remember,
+            )
+        })
+    }
+
+    /// The general path, with owned names (a borrowed one is copied now).
+    fn into_waiting(self) -> Waiting {
+        let names = match self.name {
+            Named::One(key) => key.with_name(str::to_string).into_names(),
+            Named::Names(names) => *names,
+        };
+        let spec = Spec {
+            names,
+            occupy: self.occupy,
+            kind: self.kind,
+            opts: self.opts,
+        };
+        Waiting::new(self.shared.expect("taken only when settled"), spec)
+    }
+}
+
 /// The async core: the same first attempt and looks as [`run`], woken by
 /// wakers and the timer thread instead of unparking.
 struct Waiting {
@@ -648,15 +938,10 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn new(shared: &Arc<Shared>, spec: Spec<'_>) -> Self {
+    fn new(shared: Arc<Shared>, spec: Spec<'static>) -> Self {
         Waiting {
-            shared: shared.clone(),
-            spec: Spec {
-                names: spec.names.into_owned(),
-                occupy: spec.occupy,
-                kind: spec.kind,
-                opts: spec.opts,
-            },
+            shared,
+            spec,
             start: None,
             ticket: None,
             timer: None,

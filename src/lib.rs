@@ -70,6 +70,52 @@
 //! # Ok::<(), turnstile::Error>(())
 //! ```
 //!
+//! Nothing happens before the first poll. That poll makes the same first
+//! attempt as the blocking form, on the same lock-free path when one name is
+//! asked for and fits: the future keeps a name of up to 40 bytes inline, so
+//! an `.await` that fits at once allocates nothing and reads no clock (a
+//! `String` name costs only the `String`). Measured on 2 shared cores (an
+//! `.await` plus the guard's release, medians of interleaved batches,
+//! `examples/async_overhead.rs`): 72 ns, 1.05× the blocking `acquire()`
+//! (69 ns; the `.await` was 2.5× it before this path), and about 2.3×
+//! tokio's `acquire().await` (31 to 33 ns), which has no names to look up.
+//! An acquisition that must wait, or that names several limits, owns its
+//! names and its queue entry on the heap. On shared limits (PostgreSQL) the
+//! future makes its request at its first poll, and waits on the server.
+//!
+//! ### Cooperative scheduling
+//!
+//! A future that is ready at its first poll never returns to its executor,
+//! so a task looping on acquisitions that always fit would keep its worker
+//! thread to itself: with 4 tasks on a 2-thread tokio runtime looping on a
+//! limit of 4 with no hold, two tasks made no acquisition at all (fairness,
+//! the fewest acquisitions of a task over the most in a 50 ms window, 0.00
+//! in 40 windows of 40). tokio's own semaphore avoids this by charging the
+//! runtime's per-task budget, which only tokio can see; turnstile works
+//! under any executor, so it keeps a budget of its own: after **128**
+//! acquisitions in a row granted at first poll to one task on one thread (the
+//! task known by its waker, with no other task's acquisition and no wait in
+//! between), the next one returns `Pending` once, having woken its task,
+//! before it attempts anything. The task goes to the back of its executor's
+//! queue, like tokio's `yield_now`. With it, in the same test no task is
+//! ever starved (no window at 0 in 160), with median fairness 0.3 to 0.8
+//! and worst windows 0.02 to 0.2; tokio's semaphore in the same runs:
+//! medians 0.5 to 0.9, worst 0.05 to 0.56. What remains is how the runtime
+//! spreads 4 tasks over 2 threads (3 on one, 1 on the other gives 0.33);
+//! `examples/async_fairness.rs` measures it. It costs the uncontended
+//! `.await` about 14 instructions (1 to 2 ns) and one extra poll per 128
+//! acquisitions. An optional `tokio` feature that spends tokio's own budget
+//! was not taken: it would tie the build to tokio's internals and help only
+//! under tokio.
+//!
+//! ### Cancel safety
+//!
+//! A future can be dropped at any point: before its first poll, after it
+//! yielded for the budget (it has taken nothing and is queued nowhere),
+//! while queued, or after slots were granted to it but before it was polled
+//! again (they go to the next waiter). It leaves nothing taken and nobody
+//! queued.
+//!
 //! ## Persistence
 //!
 //! [`Limiter::open`] keeps the limits in an SQLite file. Definitions are

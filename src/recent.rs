@@ -70,6 +70,17 @@ impl Key {
         })
     }
 
+    /// Calls `f` with the name, read back from the words it was packed into
+    /// (no allocation): an async acquisition keeps its one name in its key
+    /// rather than in a `String` of its own.
+    pub fn with_name<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        let mut bytes = [0u8; LONGEST];
+        for (i, byte) in bytes[..self.len].iter_mut().enumerate() {
+            *byte = (self.words[i / 8] >> (8 * (i % 8))) as u8;
+        }
+        f(std::str::from_utf8(&bytes[..self.len]).expect("packed from a str"))
+    }
+
     #[inline]
     fn slot(&self) -> usize {
         (self.hash >> 61) as usize % WAYS
@@ -150,6 +161,22 @@ mod tests {
         assert_eq!(find(7, "limit-0999"), None, "a longer name");
         remember(7, last, id(500));
         assert_eq!(find(7, last), Some(id(500)), "replaced");
+    }
+
+    #[test]
+    fn a_key_gives_its_name_back() {
+        for name in [
+            "",
+            "a",
+            "gpu",
+            "exactly8",
+            "nine char",
+            "ünïcödé €",
+            &"z".repeat(LONGEST),
+        ] {
+            let key = Key::new(1, name).expect("short enough");
+            assert_eq!(key.with_name(str::to_string), name);
+        }
     }
 
     #[test]

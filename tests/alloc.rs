@@ -1,5 +1,6 @@
-//! Heap use (issue 5, case 10): the uncontended one-name acquire + release
-//! path allocates nothing, and an idle limit costs at most 256 bytes.
+//! Heap use (issue 5, case 10; issue 12 for `.await`): the uncontended
+//! one-name acquire + release path allocates nothing, blocking, `try_` or
+//! async, and an idle limit costs at most 256 bytes.
 //!
 //! Counted by a counting global allocator: the `allocation-counter`
 //! dev-dependency replaces the global allocator of this test binary (a
@@ -12,7 +13,10 @@
 
 mod common;
 
+use std::future::{Future, IntoFuture};
 use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use allocation_counter::{measure, AllocationInfo};
@@ -40,13 +44,30 @@ fn assert_counting() {
     );
 }
 
+/// Drives a future to completion on this thread with a waker that does
+/// nothing (a future that yields to the executor has woken itself: poll it
+/// again). No executor of its own, so every allocation counted is the
+/// future's.
+fn ready<F: IntoFuture>(fut: F) -> F::Output {
+    let mut fut = pin!(fut.into_future());
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
 /// Heap use of each uncontended one-name path, `ROUNDS` calls each after
-/// one warm-up call: concurrency `try_acquire` + release, blocking `acquire`
-/// + release, `rate_limit` try on a bucket with room.
+/// one warm-up call: concurrency `try_acquire` and release, blocking
+/// `acquire` and release, `.await` and release (a `&str` name), `rate_limit`
+/// try on a bucket with room, and `rate_limit(..).await` there.
 struct HotPath {
     try_acquire: AllocationInfo,
     acquire: AllocationInfo,
+    await_acquire: AllocationInfo,
     rate_limit: AllocationInfo,
+    await_rate_limit: AllocationInfo,
 }
 
 impl HotPath {
@@ -68,8 +89,15 @@ impl HotPath {
             let guard = limiter.concurrency(black_box("a"), 1).acquire().unwrap();
             drop(black_box(guard));
         };
+        let await_once = || {
+            let guard = ready(limiter.concurrency(black_box("a"), 1)).unwrap();
+            drop(black_box(guard));
+        };
         let rate_once = || {
             assert!(limiter.rate_limit(black_box("r"), 1).try_acquire().unwrap());
+        };
+        let await_rate_once = || {
+            ready(limiter.rate_limit(black_box("r"), 1)).unwrap();
         };
         let rounds = |once: &dyn Fn()| {
             once();
@@ -78,7 +106,9 @@ impl HotPath {
         let hot = HotPath {
             try_acquire: rounds(&try_once),
             acquire: rounds(&acquire_once),
+            await_acquire: rounds(&await_once),
             rate_limit: rounds(&rate_once),
+            await_rate_limit: rounds(&await_rate_once),
         };
         let info = limiter.limit("a").unwrap();
         assert_eq!((info.held_slots, info.waiters), (0, 0));
@@ -89,7 +119,9 @@ impl HotPath {
         let counts = [
             ("try_acquire + drop", self.try_acquire),
             ("acquire + drop", self.acquire),
+            (".await + drop", self.await_acquire),
             ("rate_limit try", self.rate_limit),
+            ("rate_limit .await", self.await_rate_limit),
         ];
         let report: Vec<String> = counts
             .iter()
@@ -127,6 +159,51 @@ fn the_uncontended_hot_path_does_not_allocate_with_a_store() {
             .build()
             .unwrap();
         HotPath::measure(&limiter).assert_none("with a store, between sweeps");
+    });
+}
+
+/// What the async paths that are not the one-`&str`-name case cost, for the
+/// record (only the one-name case is promised to allocate nothing): a
+/// `String` name is the caller's allocation (the future keeps no copy of
+/// it); several names, or a future that must wait, own their names.
+#[test]
+fn what_other_async_acquisitions_allocate() {
+    watchdog(WATCHDOG, || {
+        assert_counting();
+        let limiter = Limiter::in_memory();
+        for name in ["a", "b"] {
+            limiter.create_limit(name, LimitConfig::new(1)).unwrap();
+        }
+        let per_call = |once: &dyn Fn()| {
+            once();
+            let info = measure(|| (0..ROUNDS).for_each(|_| once()));
+            (
+                info.count_total as f64 / ROUNDS as f64,
+                info.bytes_total as f64 / ROUNDS as f64,
+            )
+        };
+        let string_name = per_call(&|| {
+            drop(black_box(
+                ready(limiter.concurrency(black_box("a".to_string()), 1)).unwrap(),
+            ));
+        });
+        let string_made = per_call(&|| drop(black_box(black_box("a").to_string())));
+        let two_names = per_call(&|| {
+            drop(black_box(
+                ready(limiter.concurrency(black_box(["a", "b"]), 1)).unwrap(),
+            ));
+        });
+        println!(
+            ".await + drop, per call: a String name {:.1} allocations / {:.1} B \
+             (making the String alone: {:.1} / {:.1} B); two &str names {:.1} / {:.1} B",
+            string_name.0, string_name.1, string_made.0, string_made.1, two_names.0, two_names.1
+        );
+        assert_eq!(
+            string_name, string_made,
+            "a String name costs the future nothing beyond the String itself"
+        );
+        let info = limiter.limit("a").unwrap();
+        assert_eq!((info.held_slots, info.waiters), (0, 0));
     });
 }
 

@@ -579,3 +579,170 @@ fn a_grant_is_charged_from_the_release_not_from_the_poll() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------
+// Cooperative scheduling: a future ready at once still lets other tasks run
+// ---------------------------------------------------------------------------
+
+/// Acquisitions each task makes in the starvation tests.
+const LOOPS: u32 = 5_000;
+
+/// Two tasks on one thread loop on a limit that always has room. A future
+/// that is ready at its first poll never returns to the executor, so
+/// without a yield now and then the first task would make all its
+/// acquisitions before the second ran once.
+#[test]
+fn tasks_looping_on_a_free_limit_take_turns_on_a_local_pool() {
+    use futures::executor::LocalPool;
+    use futures::task::LocalSpawnExt;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("free", LimitConfig::new(4)).unwrap();
+        let counts: Rc<[Cell<u32>; 2]> = Rc::default();
+        // What the other task had made when each task finished.
+        let seen: Rc<[Cell<Option<u32>>; 2]> = Rc::default();
+        let mut pool = LocalPool::new();
+        for me in 0..2 {
+            let (limiter, counts, seen) = (limiter.clone(), counts.clone(), seen.clone());
+            pool.spawner()
+                .spawn_local(async move {
+                    for _ in 0..LOOPS {
+                        drop(limiter.concurrency("free", 1).await.unwrap());
+                        counts[me].set(counts[me].get() + 1);
+                    }
+                    seen[me].set(Some(counts[1 - me].get()));
+                })
+                .unwrap();
+        }
+        pool.run();
+        let seen = [seen[0].get().unwrap(), seen[1].get().unwrap()];
+        assert!(
+            seen.iter().all(|&other| other > 0),
+            "a task made all {LOOPS} acquisitions before the other made one: {seen:?}"
+        );
+        assert_eq!(held_waiters(&limiter, "free"), (0, 0));
+    });
+}
+
+/// The same on tokio's current-thread runtime, whose budget a runtime-
+/// agnostic future does not consume; and with rate limits and several names
+/// (the general path's first poll yields as the uncontended path's does).
+#[test]
+fn tasks_looping_on_a_free_limit_take_turns_under_tokio_current_thread() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("free", LimitConfig::new(4)).unwrap();
+        limiter.create_limit("other", LimitConfig::new(4)).unwrap();
+        limiter
+            .create_limit(
+                "bucket",
+                LimitConfig::new(u32::MAX).slot_decay_per_second(1e9),
+            )
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        type Acquisition = fn(&Limiter) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+        let kinds: [(&str, Acquisition); 3] = [
+            ("one name", |l| {
+                Box::pin(async move { drop(l.concurrency("free", 1).await.unwrap()) })
+            }),
+            ("two names", |l| {
+                Box::pin(async move { drop(l.concurrency(["free", "other"], 1).await.unwrap()) })
+            }),
+            ("rate limit", |l| {
+                Box::pin(async move { l.rate_limit("bucket", 1).await.unwrap() })
+            }),
+        ];
+        for (what, acquire) in kinds {
+            let counts: Arc<[AtomicU32; 2]> = Arc::default();
+            let seen = rt.block_on(async {
+                let tasks: Vec<_> = (0..2)
+                    .map(|me| {
+                        let (limiter, counts) = (limiter.clone(), counts.clone());
+                        tokio::spawn(async move {
+                            for _ in 0..LOOPS {
+                                acquire(&limiter).await;
+                                counts[me].fetch_add(1, Ordering::Relaxed);
+                            }
+                            counts[1 - me].load(Ordering::Relaxed)
+                        })
+                    })
+                    .collect();
+                let mut seen = Vec::new();
+                for task in tasks {
+                    seen.push(task.await.unwrap());
+                }
+                seen
+            });
+            assert!(
+                seen.iter().all(|&other| other > 0),
+                "{what}: a task made all {LOOPS} acquisitions before the other made one: {seen:?}"
+            );
+        }
+        assert_eq!(held_waiters(&limiter, "free"), (0, 0));
+    });
+}
+
+/// The yield is cancel-safe: a future that returned `Pending` to let others
+/// run has taken nothing and queued nowhere, has woken its task, and is
+/// granted when polled again.
+#[test]
+fn a_future_that_yields_to_the_executor_holds_nothing() {
+    watchdog(WATCHDOG, || {
+        let limiter = Limiter::in_memory();
+        limiter.create_limit("free", LimitConfig::new(1)).unwrap();
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut yielded = None;
+        for _ in 0..10_000 {
+            let mut fut = limiter.concurrency("free", 1).into_future();
+            match poll_once(&mut fut, &waker) {
+                Poll::Ready(guard) => drop(guard.unwrap()),
+                Poll::Pending => {
+                    yielded = Some(fut);
+                    break;
+                }
+            }
+        }
+        let mut fut = yielded.expect("a task granted at once 10,000 times in a row never yielded");
+        assert!(flag.0.load(Ordering::SeqCst), "it woke its task");
+        assert_eq!(
+            held_waiters(&limiter, "free"),
+            (0, 0),
+            "nothing taken or queued"
+        );
+        // Another acquisition meanwhile is not held back by it.
+        drop(
+            limiter
+                .concurrency("free", 1)
+                .try_acquire()
+                .unwrap()
+                .expect("free"),
+        );
+        let guard = match poll_once(&mut fut, &waker) {
+            Poll::Ready(guard) => guard.unwrap(),
+            Poll::Pending => panic!("a yielded future must attempt when polled again"),
+        };
+        assert_eq!(held_waiters(&limiter, "free"), (1, 0));
+        drop(guard);
+
+        // Dropped while yielded: nothing to give back.
+        let mut dropped = None;
+        for _ in 0..10_000 {
+            let mut fut = limiter.concurrency("free", 1).into_future();
+            match poll_once(&mut fut, &waker) {
+                Poll::Ready(guard) => drop(guard.unwrap()),
+                Poll::Pending => {
+                    dropped = Some(fut);
+                    break;
+                }
+            }
+        }
+        drop(dropped.expect("yielded again"));
+        assert_eq!(held_waiters(&limiter, "free"), (0, 0));
+    });
+}
