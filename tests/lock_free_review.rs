@@ -833,14 +833,17 @@ fn stress_lock_free_against_everything_that_claims() {
         let mut rng = Rng::new(seed ^ 0xC0FFEE);
         let done = controller(&limiter, &watch, &mut rng, run_for);
         watch.stop.store(true, SeqCst);
-        for w in workers {
-            w.join().expect("a worker failed");
-        }
-        // Decaying slots left by the rate-limit tries, if x decays now.
+        // The controller may have stopped with x's decay off and decaying
+        // slots left by the rate-limit tries: frozen, they would keep a
+        // last waiter out for good (as they would in any use). No more of
+        // them (decay off: the tries fail), then none left.
         limiter
             .update_limit("x", LimitUpdate::new().slot_decay_per_second(0.0))
             .unwrap();
         limiter.reset_limit("x").unwrap();
+        for w in workers {
+            w.join().expect("a worker failed");
+        }
         for name in ["x", "y"] {
             let info = limiter.limit(name).unwrap();
             assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
