@@ -48,26 +48,26 @@ CREATE TABLE __NS__.clients (
     host          text
 );
 
+-- No foreign keys here or below: each would cost every acquisition a
+-- locking look-up of its parent row. The functions delete what belongs
+-- together (see drop_client).
 CREATE TABLE __NS__.holds (
     id          bigserial PRIMARY KEY,
-    client      bigint NOT NULL REFERENCES __NS__.clients ON DELETE CASCADE,
+    client      bigint NOT NULL,
     occupy      integer NOT NULL,
     granted_at  timestamptz NOT NULL,
     -- The client's number for the request, to find it after a lost reply.
-    req         bigint NOT NULL
+    req         bigint NOT NULL,
+    -- The limits taken from, and which creation of each (a guard of a
+    -- deleted limit gives nothing back to a new one of the same name).
+    names        text[] NOT NULL,
+    incarnations bigint[] NOT NULL
 );
 CREATE INDEX ON __NS__.holds (client, req);
 
-CREATE TABLE __NS__.hold_limits (
-    hold         bigint NOT NULL REFERENCES __NS__.holds ON DELETE CASCADE,
-    name         text NOT NULL,
-    incarnation  bigint NOT NULL,
-    PRIMARY KEY (hold, name)
-);
-
 CREATE TABLE __NS__.waiters (
     ticket       bigserial PRIMARY KEY,
-    client       bigint NOT NULL REFERENCES __NS__.clients ON DELETE CASCADE,
+    client       bigint NOT NULL,
     occupy       integer NOT NULL,
     rate         boolean NOT NULL,
     is_strict    boolean NOT NULL,
@@ -93,7 +93,7 @@ CREATE INDEX ON __NS__.waiters (hold);
 -- A queued waiter as each of its limits sees it.
 CREATE TABLE __NS__.waiter_limits (
     name    text NOT NULL,
-    ticket  bigint NOT NULL REFERENCES __NS__.waiters ON DELETE CASCADE,
+    ticket  bigint NOT NULL,
     occupy  integer NOT NULL,
     PRIMARY KEY (name, ticket)
 );
@@ -205,6 +205,21 @@ RETURNS void LANGUAGE sql AS $$
     SELECT set_config('synchronous_commit', 'off', true)
 $$;
 
+-- Takes `occupy` held slots of each of `lims` for a client; the new hold.
+CREATE FUNCTION __NS__.hold(p_client bigint, p_req bigint, lims text[], p_occupy integer,
+    t timestamptz)
+RETURNS bigint LANGUAGE sql AS $$
+    WITH took AS (
+        UPDATE __NS__.limits SET held = held + p_occupy WHERE name = ANY (lims)
+        RETURNING name, incarnation
+    )
+    INSERT INTO __NS__.holds (client, occupy, granted_at, req, names, incarnations)
+    SELECT p_client, p_occupy, t, p_req, array_agg(name ORDER BY name),
+           array_agg(incarnation ORDER BY name)
+      FROM took
+    RETURNING id
+$$;
+
 -- Takes a waiter's slots on all its limits at once and tells its client.
 -- Decaying slots are charged from `since` (at most `t`).
 CREATE FUNCTION __NS__.grant(w __NS__.waiters, since timestamptz, t timestamptz)
@@ -226,11 +241,7 @@ BEGIN
                decaying_at = greatest(since, l.decaying_at)
          WHERE l.name = ANY (lims);
     ELSIF cardinality(lims) > 0 THEN
-        UPDATE __NS__.limits l SET held = l.held + w.occupy WHERE l.name = ANY (lims);
-        INSERT INTO __NS__.holds (client, occupy, granted_at, req)
-        VALUES (w.client, w.occupy, t, w.req) RETURNING id INTO hold_id;
-        INSERT INTO __NS__.hold_limits (hold, name, incarnation)
-        SELECT hold_id, l.name, l.incarnation FROM __NS__.limits l WHERE l.name = ANY (lims);
+        hold_id := __NS__.hold(w.client, w.req, lims, w.occupy, t);
     END IF;
     UPDATE __NS__.waiters SET status = 'granted', hold = hold_id, granted_at = since
      WHERE ticket = w.ticket;
@@ -382,11 +393,7 @@ BEGIN
                SET decaying = __NS__.decaying_now(l, t) + p_occupy, decaying_at = greatest(t, l.decaying_at)
              WHERE l.name = ANY (lims);
         ELSIF cardinality(lims) > 0 THEN
-            UPDATE __NS__.limits SET held = held + p_occupy WHERE name = ANY (lims);
-            INSERT INTO __NS__.holds (client, occupy, granted_at, req)
-            VALUES (p_client, p_occupy, t, p_req) RETURNING id INTO hold_id;
-            INSERT INTO __NS__.hold_limits (hold, name, incarnation)
-            SELECT hold_id, name, incarnation FROM __NS__.limits WHERE name = ANY (lims);
+            hold_id := __NS__.hold(p_client, p_req, lims, p_occupy, t);
         END IF;
         RETURN ROW('taken', hold_id, NULL, NULL, NULL, NULL, NULL, 0)::__NS__.outcome;
     END IF;
@@ -507,8 +514,8 @@ BEGIN
                avg_occupancy = l.avg_occupancy
                    + (greatest(secs / greatest(h.occupy, 1), 0.1) - l.avg_occupancy)
                      / (2 * greatest(l.cap, 1))
-          FROM __NS__.hold_limits hl
-         WHERE hl.hold = p_hold AND hl.name = l.name AND hl.incarnation = l.incarnation
+          FROM unnest(h.names, h.incarnations) AS hl(name, incarnation)
+         WHERE hl.name = l.name AND hl.incarnation = l.incarnation
         RETURNING l.name
     ) SELECT coalesce(array_agg(name), '{}') INTO names FROM gave;
     DELETE FROM __NS__.holds WHERE id = p_hold;
@@ -760,7 +767,7 @@ BEGIN
     WITH gave AS (
         UPDATE __NS__.limits l SET held = greatest(l.held - s.occupy, 0)
           FROM (SELECT hl.name, hl.incarnation, sum(h.occupy) AS occupy
-                  FROM __NS__.holds h JOIN __NS__.hold_limits hl ON hl.hold = h.id
+                  FROM __NS__.holds h, unnest(h.names, h.incarnations) AS hl(name, incarnation)
                  WHERE h.client = p_id GROUP BY hl.name, hl.incarnation) s
          WHERE l.name = s.name AND l.incarnation = s.incarnation
         RETURNING l.name
@@ -769,6 +776,10 @@ BEGIN
         more := __NS__.unqueue(tk);
         names := names || more;
     END LOOP;
+    DELETE FROM __NS__.holds WHERE client = p_id;
+    DELETE FROM __NS__.waiter_limits
+     WHERE ticket IN (SELECT ticket FROM __NS__.waiters WHERE client = p_id);
+    DELETE FROM __NS__.waiters WHERE client = p_id;
     DELETE FROM __NS__.clients WHERE id = p_id;
     PERFORM __NS__.notify(p_id, 0, 'lost');
     RETURN names;
