@@ -20,9 +20,11 @@ pub(crate) struct Namespace {
     /// The name as a quoted SQL identifier (safe to splice: validated).
     pub quoted: String,
     /// The first half of every advisory lock key of the namespace: a
-    /// positive 31-bit hash of its name. Two namespaces with the same key
-    /// only share a lock and a notification channel (more waiting and a few
-    /// spurious wake-ups), never data.
+    /// positive 31-bit hash of its name. Two namespaces of one database
+    /// whose names hash alike (about one pair in 2^31) would share their
+    /// lock and channel, and their clients' locks would collide (a client
+    /// of the second waits for the first's lock of the same id and
+    /// `connect` fails after 10 s): never data, but pick another name then.
     pub key: i32,
 }
 
