@@ -189,6 +189,7 @@
 #![warn(missing_docs)]
 
 mod acquire;
+mod backend;
 mod cell;
 mod clock;
 mod config;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::acquire::{Acquire, RateLimit};
+use crate::backend::Manage;
 use crate::event::{Event, Observer};
 use crate::names::IntoNames;
 use crate::registry::Index;
@@ -69,10 +70,100 @@ impl Shared {
         created
     }
 
+    /// Runs one definition change: with a store, `plan` validates it and the
+    /// store commits it before `apply` changes memory, all under the store's
+    /// lock, so memory never holds a definition the file lacks.
+    fn change<R>(
+        &self,
+        name: &str,
+        plan: impl FnOnce(&State) -> Result<Change, Error>,
+        apply: impl FnOnce(&mut State, Instant, &mut Wakes) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let mut db = self.store.as_ref().map(|s| s.persist.db.lock());
+        let committed = match db.as_mut() {
+            Some(db) => {
+                let change = plan(&self.state.lock())?;
+                let incarnation = db.commit(name, &change)?;
+                Some((change, incarnation))
+            }
+            None => None,
+        };
+        let mut wakes = Wakes::new();
+        let result = {
+            let mut state = self.state.lock();
+            let result = apply(&mut state, Instant::now(), &mut wakes);
+            if let (Ok(_), Some((change, incarnation))) = (&result, committed) {
+                if let Some(limit) = state.reg.by_name_mut(name) {
+                    change.record(limit, incarnation);
+                }
+            }
+            result
+        };
+        drop(db);
+        deliver(wakes);
+        result
+    }
+
     /// Tells the observer, if there is one.
     pub fn emit(&self, event: impl FnOnce() -> Event) {
         if let Some(observer) = &self.observer {
             observer(&event());
+        }
+    }
+}
+
+/// The in-process engine, with its store if it has one.
+impl Manage for Shared {
+    fn create(&self, name: &str, config: &LimitConfig) -> Result<LimitInfo, Error> {
+        self.change(
+            name,
+            |state| {
+                state.check_create(name, config)?;
+                Ok(Change::Create(config.clone()))
+            },
+            |state, now, _| state.create(name, config, now),
+        )
+    }
+
+    fn update(&self, name: &str, update: &LimitUpdate) -> Result<LimitInfo, Error> {
+        self.change(
+            name,
+            |state| {
+                state.updated_config(name, update)?;
+                Ok(Change::Update(update.clone()))
+            },
+            |state, now, wakes| state.update(name, update, now, wakes),
+        )
+    }
+
+    fn delete(&self, name: &str) -> Result<(), Error> {
+        self.change(
+            name,
+            |state| state.config(name).map(|_| Change::Delete),
+            |state, now, wakes| state.delete(name, now, wakes),
+        )
+    }
+
+    fn reset(&self, name: &str) -> Result<LimitInfo, Error> {
+        self.change(
+            name,
+            |state| state.config(name).map(|_| Change::Reset),
+            |state, now, wakes| state.reset(name, now, wakes),
+        )
+    }
+
+    fn info(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
+        Ok(self.state.lock().info(name, Instant::now()))
+    }
+
+    fn infos(&self) -> Result<Vec<LimitInfo>, Error> {
+        Ok(self.state.lock().infos(Instant::now()))
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        match &self.store {
+            Some(store) => store.flush(),
+            None => Ok(()),
         }
     }
 }
@@ -180,6 +271,16 @@ impl Limiter {
         Limiter::builder().postgres(url).build()
     }
 
+    /// The engine its limits are managed by: the one place the public face
+    /// chooses between them.
+    fn manage(&self) -> &dyn Manage {
+        #[cfg(feature = "postgres")]
+        if let Some(remote) = &self.shared.remote {
+            return &*remote.inner;
+        }
+        &*self.shared
+    }
+
     /// A builder for a limiter with a store, a flush interval or an observer.
     pub fn builder() -> LimiterBuilder {
         LimiterBuilder::default()
@@ -202,40 +303,6 @@ impl Limiter {
         }
     }
 
-    /// Runs one definition change: with a store, `plan` validates it and the
-    /// store commits it before `apply` changes memory, all under the store's
-    /// lock, so memory never holds a definition the file lacks.
-    fn change<R>(
-        &self,
-        name: &str,
-        plan: impl FnOnce(&State) -> Result<Change, Error>,
-        apply: impl FnOnce(&mut State, Instant, &mut Wakes) -> Result<R, Error>,
-    ) -> Result<R, Error> {
-        let mut db = self.shared.store.as_ref().map(|s| s.persist.db.lock());
-        let committed = match db.as_mut() {
-            Some(db) => {
-                let change = plan(&self.shared.state.lock())?;
-                let incarnation = db.commit(name, &change)?;
-                Some((change, incarnation))
-            }
-            None => None,
-        };
-        let mut wakes = Wakes::new();
-        let result = {
-            let mut state = self.shared.state.lock();
-            let result = apply(&mut state, Instant::now(), &mut wakes);
-            if let (Ok(_), Some((change, incarnation))) = (&result, committed) {
-                if let Some(limit) = state.reg.by_name_mut(name) {
-                    change.record(limit, incarnation);
-                }
-            }
-            result
-        };
-        drop(db);
-        deliver(wakes);
-        result
-    }
-
     /// Creates a limit.
     ///
     /// # Errors
@@ -251,18 +318,7 @@ impl Limiter {
     /// # Ok::<(), turnstile::Error>(())
     /// ```
     pub fn create_limit(&self, name: &str, config: LimitConfig) -> Result<LimitInfo, Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.create(name, &config);
-        }
-        self.change(
-            name,
-            |state| {
-                state.check_create(name, &config)?;
-                Ok(Change::Create(config.clone()))
-            },
-            |state, now, _| state.create(name, &config, now),
-        )
+        self.manage().create(name, &config)
     }
 
     /// Changes a limit. Raising it, deactivating it or giving it faster decay
@@ -274,18 +330,7 @@ impl Limiter {
     ///
     /// [`Error::NotFound`], [`Error::InvalidConfig`].
     pub fn update_limit(&self, name: &str, update: LimitUpdate) -> Result<LimitInfo, Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.update(name, &update);
-        }
-        self.change(
-            name,
-            |state| {
-                state.updated_config(name, &update)?;
-                Ok(Change::Update(update.clone()))
-            },
-            |state, now, wakes| state.update(name, &update, now, wakes),
-        )
+        self.manage().update(name, &update)
     }
 
     /// Deletes a limit. Its blocked acquisitions go on as for a missing
@@ -300,15 +345,7 @@ impl Limiter {
     ///
     /// [`Error::NotFound`].
     pub fn delete_limit(&self, name: &str) -> Result<(), Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.delete(name);
-        }
-        self.change(
-            name,
-            |state| state.config(name).map(|_| Change::Delete),
-            |state, now, wakes| state.delete(name, now, wakes),
-        )
+        self.manage().delete(name)
     }
 
     /// Drops a limit's decaying slots and zeroes its `denied_slots`; slots
@@ -318,15 +355,7 @@ impl Limiter {
     ///
     /// [`Error::NotFound`].
     pub fn reset_limit(&self, name: &str) -> Result<LimitInfo, Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.reset(name);
-        }
-        self.change(
-            name,
-            |state| state.config(name).map(|_| Change::Reset),
-            |state, now, wakes| state.reset(name, now, wakes),
-        )
+        self.manage().reset(name)
     }
 
     /// A snapshot of one limit; `None` if there is none of that name (or,
@@ -350,11 +379,7 @@ impl Limiter {
     /// [`Error::Storage`] if the database of shared limits cannot be
     /// reached.
     pub fn try_limit(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.info(name);
-        }
-        Ok(self.shared.state.lock().info(name, Instant::now()))
+        self.manage().info(name)
     }
 
     /// Snapshots of every limit, sorted by name, reporting a database
@@ -365,11 +390,7 @@ impl Limiter {
     /// [`Error::Storage`] if the database of shared limits cannot be
     /// reached.
     pub fn try_limits(&self) -> Result<Vec<LimitInfo>, Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.infos();
-        }
-        Ok(self.shared.state.lock().infos(Instant::now()))
+        self.manage().infos()
     }
 
     /// Holds `occupy` slots of each named limit until the returned guard
@@ -418,14 +439,7 @@ impl Limiter {
     ///
     /// [`Error::Storage`] if the store cannot be written.
     pub fn flush(&self) -> Result<(), Error> {
-        #[cfg(feature = "postgres")]
-        if let Some(remote) = &self.shared.remote {
-            return remote.inner.flush();
-        }
-        match &self.shared.store {
-            Some(store) => store.flush(),
-            None => Ok(()),
-        }
+        self.manage().flush()
     }
 }
 

@@ -41,6 +41,7 @@ use postgres::error::SqlState;
 use postgres::types::Type;
 use postgres::Row;
 
+use crate::backend::Manage;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::event::{Event, Observer};
 use crate::Error;
@@ -307,70 +308,6 @@ impl Inner {
         self.pool.with(f).map_err(|e| self.db_error(e, name))
     }
 
-    pub fn create(&self, name: &str, config: &LimitConfig) -> Result<LimitInfo, Error> {
-        config.check(name)?;
-        let sql = self.ns.sql("SELECT __NS__.create_limit($1, $2, $3, $4)");
-        let cap = i32::try_from(config.limit).unwrap_or(i32::MAX);
-        self.call(name, |c| {
-            c.execute(
-                &sql,
-                &[&name, &cap, &config.active, &config.slot_decay_per_second],
-            )
-        })?;
-        self.info(name)?.ok_or_else(|| Error::NotFound {
-            name: name.to_string(),
-        })
-    }
-
-    pub fn update(&self, name: &str, update: &LimitUpdate) -> Result<LimitInfo, Error> {
-        validate_name(name)?;
-        update.validate(name)?;
-        let sql = self.ns.sql("SELECT __NS__.update_limit($1, $2, $3, $4)");
-        let cap = update.limit.map(|l| i32::try_from(l).unwrap_or(i32::MAX));
-        self.call(name, |c| {
-            c.execute(
-                &sql,
-                &[&name, &cap, &update.active, &update.slot_decay_per_second],
-            )
-        })?;
-        self.info(name)?.ok_or_else(|| Error::NotFound {
-            name: name.to_string(),
-        })
-    }
-
-    pub fn delete(&self, name: &str) -> Result<(), Error> {
-        validate_name(name)?;
-        let sql = self.ns.sql("SELECT __NS__.delete_limit($1)");
-        self.call(name, |c| c.execute(&sql, &[&name]))?;
-        Ok(())
-    }
-
-    pub fn reset(&self, name: &str) -> Result<LimitInfo, Error> {
-        validate_name(name)?;
-        let sql = self.ns.sql("SELECT __NS__.reset_limit($1)");
-        self.call(name, |c| c.execute(&sql, &[&name]))?;
-        self.info(name)?.ok_or_else(|| Error::NotFound {
-            name: name.to_string(),
-        })
-    }
-
-    pub fn info(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
-        let sql = self
-            .ns
-            .sql("SELECT * FROM __NS__.info($1, clock_timestamp()) WHERE name IS NOT NULL");
-        let row = self.call(name, |c| c.query_opt(&sql, &[&name]))?;
-        Ok(row.map(|r| info_of(&r)))
-    }
-
-    pub fn infos(&self) -> Result<Vec<LimitInfo>, Error> {
-        let sql = self.ns.sql(
-            "SELECT i.* FROM __NS__.limits l, __NS__.info(l.name, clock_timestamp()) i \
-             ORDER BY l.name COLLATE \"C\"",
-        );
-        let rows = self.call("", |c| c.query(&sql, &[]))?;
-        Ok(rows.iter().map(info_of).collect())
-    }
-
     /// Calls one of the schema's functions returning an `outcome`, with its
     /// parameters' types given, so that the call is one round trip (no
     /// statement to prepare first).
@@ -427,9 +364,75 @@ impl Inner {
             self.pending_done.notify_all();
         }
     }
+}
+
+impl Manage for Inner {
+    fn create(&self, name: &str, config: &LimitConfig) -> Result<LimitInfo, Error> {
+        config.check(name)?;
+        let sql = self.ns.sql("SELECT __NS__.create_limit($1, $2, $3, $4)");
+        let cap = i32::try_from(config.limit).unwrap_or(i32::MAX);
+        self.call(name, |c| {
+            c.execute(
+                &sql,
+                &[&name, &cap, &config.active, &config.slot_decay_per_second],
+            )
+        })?;
+        self.info(name)?.ok_or_else(|| Error::NotFound {
+            name: name.to_string(),
+        })
+    }
+
+    fn update(&self, name: &str, update: &LimitUpdate) -> Result<LimitInfo, Error> {
+        validate_name(name)?;
+        update.validate(name)?;
+        let sql = self.ns.sql("SELECT __NS__.update_limit($1, $2, $3, $4)");
+        let cap = update.limit.map(|l| i32::try_from(l).unwrap_or(i32::MAX));
+        self.call(name, |c| {
+            c.execute(
+                &sql,
+                &[&name, &cap, &update.active, &update.slot_decay_per_second],
+            )
+        })?;
+        self.info(name)?.ok_or_else(|| Error::NotFound {
+            name: name.to_string(),
+        })
+    }
+
+    fn delete(&self, name: &str) -> Result<(), Error> {
+        validate_name(name)?;
+        let sql = self.ns.sql("SELECT __NS__.delete_limit($1)");
+        self.call(name, |c| c.execute(&sql, &[&name]))?;
+        Ok(())
+    }
+
+    fn reset(&self, name: &str) -> Result<LimitInfo, Error> {
+        validate_name(name)?;
+        let sql = self.ns.sql("SELECT __NS__.reset_limit($1)");
+        self.call(name, |c| c.execute(&sql, &[&name]))?;
+        self.info(name)?.ok_or_else(|| Error::NotFound {
+            name: name.to_string(),
+        })
+    }
+
+    fn info(&self, name: &str) -> Result<Option<LimitInfo>, Error> {
+        let sql = self
+            .ns
+            .sql("SELECT * FROM __NS__.info($1, clock_timestamp()) WHERE name IS NOT NULL");
+        let row = self.call(name, |c| c.query_opt(&sql, &[&name]))?;
+        Ok(row.map(|r| info_of(&r)))
+    }
+
+    fn infos(&self) -> Result<Vec<LimitInfo>, Error> {
+        let sql = self.ns.sql(
+            "SELECT i.* FROM __NS__.limits l, __NS__.info(l.name, clock_timestamp()) i \
+             ORDER BY l.name COLLATE \"C\"",
+        );
+        let rows = self.call("", |c| c.query(&sql, &[]))?;
+        Ok(rows.iter().map(info_of).collect())
+    }
 
     /// Waits until every release sent so far is done.
-    pub fn flush(&self) -> Result<(), Error> {
+    fn flush(&self) -> Result<(), Error> {
         let mut pending = self.pending.lock();
         let deadline = Instant::now() + self.lease;
         while *pending > 0 {
