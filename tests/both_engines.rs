@@ -85,6 +85,20 @@ fn management(l: &Limiter) {
         l.create_limit("x", LimitConfig::new(1).slot_decay_per_second(-1.0)),
         Err(Error::InvalidConfig { .. })
     ));
+    // Unicode, and the longest name (255 bytes), round trip exactly.
+    let long = "é".repeat(127) + "x";
+    assert_eq!(long.len(), 255);
+    for name in ["Ünïcødé ✓ 限制", long.as_str(), "Gpu"] {
+        l.create_limit(name, LimitConfig::new(1)).unwrap();
+        let g = l.concurrency(name, 1).try_acquire().unwrap().expect("free");
+        assert_eq!(l.limit(name).unwrap().held_slots, 1, "{name}");
+        drop(g);
+        l.delete_limit(name).unwrap();
+    }
+    assert!(matches!(
+        l.create_limit(&format!("{long}y"), LimitConfig::new(1)),
+        Err(Error::InvalidName { .. })
+    ));
     let quoted = "it's \"quoted\"; DROP TABLE limits; --";
     l.create_limit(quoted, LimitConfig::new(3).slot_decay_per_second(0.5))
         .unwrap();
