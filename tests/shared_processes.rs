@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::future::{Future, IntoFuture};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -219,6 +220,47 @@ fn child() {
                 .timeout(Duration::from_secs(30))
                 .acquire();
             say(&format!("AGAIN {}", again.is_ok()));
+        }
+        // Mixed traffic on a, b, c and r until killed: blocking acquisitions
+        // with timeouts, async ones cancelled while queued, rate limits.
+        "churn" => {
+            let l = connect(&url, &ns, Duration::from_secs(30));
+            say("READY");
+            let mut seed = u64::from(std::process::id()) | 1;
+            let mut next = move |below: u64| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed % below
+            };
+            let choices: [&[&str]; 4] = [&["a"], &["b"], &["a", "b"], &["c", "a"]];
+            loop {
+                let names = choices[next(4) as usize];
+                let occupy = 1 + next(2) as u32;
+                match next(4) {
+                    0 => {
+                        let _ = l.rate_limit("r", 1).try_acquire();
+                    }
+                    1 => {
+                        let mut fut = Box::pin(l.concurrency(names, occupy).into_future());
+                        let waker = std::task::Waker::noop();
+                        let mut cx = std::task::Context::from_waker(waker);
+                        let _ = fut.as_mut().poll(&mut cx);
+                        thread::sleep(Duration::from_micros(next(1000)));
+                        drop(fut); // cancelled, queued or not
+                    }
+                    _ => {
+                        if let Ok(g) = l
+                            .concurrency(names, occupy)
+                            .timeout(Duration::from_millis(500))
+                            .acquire()
+                        {
+                            thread::sleep(Duration::from_micros(next(3000)));
+                            drop(g);
+                        }
+                    }
+                }
+            }
         }
         // `arg` acquisitions of random names and weights on a, b and c,
         // each recorded in the oracle's table (server clock) after it is
@@ -455,6 +497,113 @@ fn no_limit_is_ever_over_admitted_across_processes() {
             "no limit was ever full: {most:?}"
         );
     });
+}
+
+/// Issue 11's crash loop, small: 4 processes of mixed traffic, one killed
+/// with SIGKILL at a random moment each round and replaced. After each
+/// kill, within seconds nothing belongs to the dead client (no client row,
+/// no hold, no ticket), and at every look each limit's held count is the
+/// sum of the live holds. `TURNSTILE_PG_CRASH_ROUNDS` sets the rounds.
+#[test]
+fn killed_processes_leave_nothing_behind() {
+    watchdog(WATCHDOG * 10, || {
+        let ns = "crash_loop";
+        let Some((url, l)) = namespace("crash_loop", ns) else {
+            return;
+        };
+        for (name, cap) in [("a", 3), ("b", 2), ("c", 2)] {
+            l.create_limit(name, LimitConfig::new(cap)).unwrap();
+        }
+        l.create_limit("r", LimitConfig::new(5).slot_decay_per_second(200.0))
+            .unwrap();
+        let rounds: u32 = std::env::var("TURNSTILE_PG_CRASH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6);
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let key = namespace_key(&mut db, ns);
+        let mut count = |sql: &str| -> i64 { db.query_one(sql, &[]).unwrap().get(0) };
+        let spawn = || {
+            let kid = Kid::spawn("churn", &url, ns, "");
+            kid.expect("READY", Duration::from_secs(30));
+            kid
+        };
+        let mut kids: Vec<Kid> = (0..4).map(|_| spawn()).collect();
+        let mut cleaned = Vec::new();
+        let mut seed = u64::from(std::process::id()) | 1;
+        for _ in 0..rounds {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            thread::sleep(Duration::from_millis(200 + seed % 600));
+            let victim = (seed % kids.len() as u64) as usize;
+            let pid = kids[victim].child.id() as i32;
+            kids[victim].signal("KILL");
+            let killed = Instant::now();
+            let _ = kids[victim].child.wait();
+            let gone = format!("SELECT count(*) FROM {ns}.clients WHERE pid = {pid}");
+            let orphans = format!(
+                "SELECT (SELECT count(*) FROM {ns}.holds h WHERE NOT EXISTS \
+                        (SELECT 1 FROM {ns}.clients c WHERE c.id = h.client)) \
+                      + (SELECT count(*) FROM {ns}.waiters w WHERE NOT EXISTS \
+                        (SELECT 1 FROM {ns}.clients c WHERE c.id = w.client))"
+            );
+            let clean = eventually(Duration::from_secs(10), || {
+                count(&gone) == 0 && count(&orphans) == 0
+            });
+            assert!(
+                clean,
+                "the killed process {pid} left rows behind: its client rows {}, orphans {}",
+                count(&gone),
+                count(&orphans)
+            );
+            cleaned.push(killed.elapsed());
+            // Held counts are the sums of the live holds (under the
+            // namespace's lock, so that no call is half-way).
+            let mismatched = format!(
+                "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({key}, 0)) lock, \
+                    {ns}.limits l \
+                 WHERE l.held <> coalesce((SELECT sum(h.occupy) FROM {ns}.holds h, \
+                    unnest(h.names, h.incarnations) AS hl(name, inc) \
+                    WHERE hl.name = l.name AND hl.inc = l.incarnation), 0)"
+            );
+            assert_eq!(count(&mismatched), 0, "a held count is not its holds' sum");
+            kids[victim] = spawn();
+        }
+        for kid in &kids {
+            kid.signal("KILL");
+        }
+        drop(kids);
+        assert!(eventually(Duration::from_secs(10), || ["a", "b", "c"]
+            .iter()
+            .all(|n| l
+                .limit(n)
+                .is_some_and(|i| i.held_slots == 0 && i.waiters == 0))));
+        cleaned.sort();
+        eprintln!(
+            "crash loop: {rounds} SIGKILLs; a dead client's rows gone after {:?} (median), {:?} (worst)",
+            cleaned[cleaned.len() / 2],
+            cleaned[cleaned.len() - 1]
+        );
+    });
+}
+
+/// The namespace's lock key, as the server's functions have it spliced in.
+fn namespace_key(db: &mut postgres::Client, ns: &str) -> i32 {
+    let def: String = db
+        .query_one(
+            "SELECT pg_get_functiondef(p.oid) FROM pg_proc p \
+              JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = 'reap'",
+            &[&ns],
+        )
+        .unwrap()
+        .get(0);
+    let at = def
+        .find("pg_advisory_xact_lock(")
+        .expect("the reap function locks")
+        + 22;
+    def[at..].split(',').next().unwrap().trim().parse().unwrap()
 }
 
 #[test]

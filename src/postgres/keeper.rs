@@ -163,10 +163,17 @@ fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
             .saturating_duration_since(Instant::now())
             .min(SLICE);
         {
+            // The iterator's timeout restarts with every notification: under
+            // steady traffic it would never end, and the lease would never
+            // be renewed nor the dead reaped. The slice ends on time.
+            let slice_end = Instant::now() + wait;
             let mut notes = conn.notifications();
             let mut iter = notes.timeout_iter(wait);
             while let Some(note) = iter.next()? {
                 dispatch(inner, note.payload());
+                if Instant::now() >= slice_end {
+                    break;
+                }
             }
         }
         if conn.is_closed() {
