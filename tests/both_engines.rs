@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::pg::shared_cluster_or_skip;
-use common::{eventually, watchdog, WATCHDOG};
+use common::{queued, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
 
 type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -42,17 +42,6 @@ fn both(test: &'static str, behaviour: fn(&Limiter)) {
             behaviour(&limiter);
         }
     });
-}
-
-/// Waits (10 s at most) until `n` acquisitions wait on limit `name`.
-fn queued(l: &Limiter, name: &str, n: usize) {
-    assert!(
-        eventually(Duration::from_secs(10), || l
-            .limit(name)
-            .is_some_and(|i| i.waiters == n)),
-        "{name}: not {n} waiters: {:?}",
-        l.limit(name)
-    );
 }
 
 /// Blocks for `occupy` slots of `name` on another thread (30 s at most).
@@ -398,12 +387,6 @@ fn rate_limit_paces(l: &Limiter) {
     assert!(l.rate_limit("api", 2).try_acquire().unwrap());
 }
 
-fn events_are_this_limiters(l: &Limiter) {
-    // Only checks what an observer-less limiter can: no events, no panic.
-    l.create_limit("e", LimitConfig::new(1)).unwrap();
-    drop(l.concurrency("e", 1).acquire().unwrap());
-}
-
 fn async_acquisitions(l: &Limiter) {
     l.create_limit("a", LimitConfig::new(1)).unwrap();
     futures::executor::block_on(async {
@@ -474,19 +457,22 @@ fn rate_limit_paces_both() {
 }
 
 #[test]
-fn events_both() {
-    both("events", events_are_this_limiters);
-}
-
-#[test]
 fn async_acquisitions_both() {
     both("async", async_acquisitions);
 }
 
-/// Events of a shared limiter: its own acquisitions and releases.
+/// Events: a limiter's own acquisitions and releases, on both engines.
 #[test]
-fn shared_events_are_emitted() {
-    watchdog(WATCHDOG, || {
+fn events_both() {
+    let check = |l: Option<Limiter>, seen: Arc<AtomicU32>| {
+        let Some(l) = l else {
+            return;
+        };
+        l.create_limit("e", LimitConfig::new(1)).unwrap();
+        drop(l.concurrency("e", 1).acquire().unwrap());
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "one Acquired, one Released");
+    };
+    let counting = || {
         let seen = Arc::new(AtomicU32::new(0));
         let counter = seen.clone();
         let observer: Observer = Arc::new(move |e: &Event| {
@@ -494,11 +480,16 @@ fn shared_events_are_emitted() {
                 counter.fetch_add(1, Ordering::SeqCst);
             }
         });
-        let Some(l) = shared("shared_events", Some(observer)) else {
-            return;
-        };
-        l.create_limit("e", LimitConfig::new(1)).unwrap();
-        drop(l.concurrency("e", 1).acquire().unwrap());
-        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        (seen, observer)
+    };
+    watchdog(WATCHDOG, move || {
+        let (seen, observer) = counting();
+        let l = Limiter::builder()
+            .on_event(move |e| observer(e))
+            .build()
+            .unwrap();
+        check(Some(l), seen);
+        let (seen, observer) = counting();
+        check(shared("events", Some(observer)), seen);
     });
 }

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
-use common::{eventually, watchdog, WATCHDOG};
+use common::{eventually, queued, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
 
 const CHILD_ENV: &str = "TURNSTILE_PG_CHILD";
@@ -45,17 +45,6 @@ fn namespace(test: &str, ns: &str) -> Option<(String, Limiter)> {
     let url = shared_cluster_or_skip(test)?.url();
     let limiter = connect(&url, ns, Duration::from_secs(30));
     Some((url, limiter))
-}
-
-/// Waits (10 s at most) until `n` acquisitions wait on limit `name`.
-fn queued(l: &Limiter, name: &str, n: usize) {
-    assert!(
-        eventually(Duration::from_secs(10), || l
-            .limit(name)
-            .is_some_and(|i| i.waiters == n)),
-        "{name}: not {n} waiters: {:?}",
-        l.limit(name)
-    );
 }
 
 /// A child process running `role`, its stdout read line by line.

@@ -57,6 +57,17 @@ fn held_and_waiting(limiter: &Limiter, name: &str) -> (u32, usize) {
     (info.held_slots, info.waiters)
 }
 
+/// An acquisition of "a" with a (long) timeout, so that it registers with
+/// the timer thread while it waits.
+fn timed(limiter: &Limiter) -> Pin<Box<AcquireFuture>> {
+    Box::pin(
+        limiter
+            .concurrency("a", 1)
+            .timeout(Duration::from_secs(600))
+            .into_future(),
+    )
+}
+
 /// A limiter with limit "a" of `cap` slots, and "pin" of many: a guard that
 /// also holds "pin" always gives back under the engine's lock (never on the
 /// lock-free path of one simple limit), so the hang does not depend on it.
@@ -187,20 +198,10 @@ fn a_waker_owning_a_timed_future_is_dropped_outside_the_timer_lock() {
     watchdog(WATCHDOG, || {
         let limiter = limiter(1);
         let _full = limiter.concurrency("a", 1).acquire().unwrap();
-        let mut inner = Box::pin(
-            limiter
-                .concurrency("a", 1)
-                .timeout(Duration::from_secs(600))
-                .into_future(),
-        );
+        let mut inner = timed(&limiter);
         assert!(poll(&mut inner, Waker::noop()).is_pending());
         let waker = waker_owning_future(inner);
-        let mut fut = Box::pin(
-            limiter
-                .concurrency("a", 1)
-                .timeout(Duration::from_secs(600))
-                .into_future(),
-        );
+        let mut fut = timed(&limiter);
         assert!(poll(&mut fut, &waker).is_pending());
         assert_eq!(held_and_waiting(&limiter, "a"), (1, 2));
         drop(waker);
@@ -222,20 +223,10 @@ fn dropping_a_future_whose_waker_owns_a_timed_future_does_not_deadlock() {
     watchdog(WATCHDOG, || {
         let limiter = limiter(1);
         let _full = limiter.concurrency("a", 1).acquire().unwrap();
-        let mut inner = Box::pin(
-            limiter
-                .concurrency("a", 1)
-                .timeout(Duration::from_secs(600))
-                .into_future(),
-        );
+        let mut inner = timed(&limiter);
         assert!(poll(&mut inner, Waker::noop()).is_pending());
         let waker = waker_owning_future(inner);
-        let mut fut = Box::pin(
-            limiter
-                .concurrency("a", 1)
-                .timeout(Duration::from_secs(600))
-                .into_future(),
-        );
+        let mut fut = timed(&limiter);
         assert!(poll(&mut fut, &waker).is_pending());
         drop(waker);
         drop(fut);

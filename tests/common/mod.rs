@@ -7,6 +7,18 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// Waits (10 s at most) until `n` acquisitions wait on limit `name` of
+/// `l`, and fails the test with what it saw otherwise.
+pub fn queued(l: &turnstile::Limiter, name: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(10), || l
+            .limit(name)
+            .is_some_and(|i| i.waiters == n)),
+        "{name}: not {n} waiters: {:?}",
+        l.limit(name)
+    );
+}
+
 /// Runs `body` on its own thread and fails the test if it has not finished
 /// within `limit`, so a deadlock fails instead of hanging CI.
 pub fn watchdog<T: Send + 'static>(
