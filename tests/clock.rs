@@ -17,12 +17,12 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::Connection;
 use turnstile::{Admin, Error, LimitConfig, LimitInfo, Limiter};
 
-use common::{watchdog, WATCHDOG};
+use common::{unix_now, watchdog, WATCHDOG};
 
 /// A unique directory under the system temp dir, removed on drop.
 struct Scratch(PathBuf);
@@ -49,13 +49,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the test machine's clock is after 1970")
-        .as_secs_f64()
 }
 
 /// A store whose "api" (limit 10, decaying at `rate`) has `taken` decaying

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{watchdog, TempDir, WATCHDOG};
+use common::{unix_now, watchdog, TempDir, WATCHDOG};
 use rusqlite::{Connection, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
@@ -48,13 +48,6 @@ const GPU_HELD: u32 = 3;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
 
 fn stored_limit(conn: &Connection, name: &str) -> Option<(u32, bool, f64)> {
     conn.query_row(

@@ -39,9 +39,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{seed_from_env, watchdog, Rng, TempDir};
+use common::{seed_from_env, unix_now, watchdog, Rng, TempDir};
 use rusqlite::{Connection, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
@@ -72,13 +72,6 @@ const API_DECAY: f64 = 100.0;
 /// What the child prints starts with this, so that libtest's own output on
 /// the same line does not matter.
 const TAG: &str = "@@";
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
 
 fn say(line: std::fmt::Arguments<'_>) {
     println!("{TAG} {line}");

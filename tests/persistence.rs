@@ -11,9 +11,9 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{eventually, watchdog, TempDir, WATCHDOG};
+use common::{eventually, unix_now, watchdog, TempDir, WATCHDOG};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use turnstile::{Error, LimitConfig, LimitUpdate, Limiter};
 
@@ -50,13 +50,6 @@ const NEVER: Duration = Duration::from_secs(3600);
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs_f64()
-}
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();

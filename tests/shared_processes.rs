@@ -19,10 +19,10 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
-use common::{eventually, queued, watchdog, WATCHDOG};
+use common::{eventually, queued, unix_now, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
 
 const CHILD_ENV: &str = "TURNSTILE_PG_CHILD";
@@ -119,13 +119,6 @@ impl Drop for Kid {
 
 fn say(line: &str) {
     println!("{line}");
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs_f64()
 }
 
 /// The children's side: what each role does.

@@ -19,6 +19,14 @@ pub fn queued(l: &turnstile::Limiter, name: &str, n: usize) {
     );
 }
 
+/// Seconds since 1970 on this machine's wall clock.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the test machine's clock is after 1970")
+        .as_secs_f64()
+}
+
 /// Runs `body` on its own thread and fails the test if it has not finished
 /// within `limit`, so a deadlock fails instead of hanging CI.
 pub fn watchdog<T: Send + 'static>(
