@@ -152,6 +152,14 @@ fn a_server_that_stops_answering_mid_call_fails_each_call_in_time() {
             .unwrap();
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let held = l.concurrency("x", 1).acquire().unwrap();
+        // A second limiter, with a hold, to be dropped during the silence.
+        let other = Limiter::builder()
+            .postgres(url.as_str())
+            .namespace("hostile_stall")
+            .lease(lease)
+            .build()
+            .unwrap();
+        let other_guard = other.concurrency("z", 1).acquire().unwrap();
 
         // The server stops answering; every call now in flight or made
         // meets silence.
@@ -160,7 +168,15 @@ fn a_server_that_stops_answering_mid_call_fails_each_call_in_time() {
 
         // An acquisition with a timeout ends with it.
         let timeout = Duration::from_secs(2);
-        let (timed, tried, looked, lost) = thread::scope(|s| {
+        let (timed, tried, looked, lost, dropped) = thread::scope(|s| {
+            // Dropping a limiter waits for its keeper, whose last calls
+            // meet silence too: they end within the budget.
+            let dropped = s.spawn(move || {
+                let start = Instant::now();
+                drop(other_guard);
+                drop(other);
+                start.elapsed()
+            });
             // The guard held through the silence is lost once the lease
             // runs out (the keeper cannot renew), and says so once.
             let lost = s.spawn(|| {
@@ -190,6 +206,7 @@ fn a_server_that_stops_answering_mid_call_fails_each_call_in_time() {
                 tried.join().unwrap(),
                 looked.join().unwrap(),
                 lost.join().unwrap(),
+                dropped.join().unwrap(),
             )
         });
         println!(
@@ -199,6 +216,11 @@ fn a_server_that_stops_answering_mid_call_fails_each_call_in_time() {
             tried.1.as_secs_f64(),
             looked.1.as_secs_f64()
         );
+        println!(
+            "stalled server: dropping a limiter with a guard took {:.2} s",
+            dropped.as_secs_f64()
+        );
+        assert!(dropped < BUDGET_BOUND * 2, "{dropped:?}");
         let err = timed.0.unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert!(
