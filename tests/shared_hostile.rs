@@ -405,14 +405,18 @@ fn names_that_look_like_sql_are_only_names() {
         ];
         for name in names {
             l.create_limit(name, LimitConfig::new(2)).unwrap();
-            let g = l.concurrency(name, 2).try_acquire().unwrap();
+            let g = l.concurrency(name, 2).try_acquire().unwrap().expect(name);
             let info = l.try_limit(name).unwrap().unwrap();
             assert_eq!(info.name, name);
             assert_eq!(info.active_slots, 2, "{name}");
             drop(g);
         }
         // All at once, all or nothing.
-        let all = l.concurrency(names.to_vec(), 1).try_acquire().unwrap();
+        let all = l
+            .concurrency(names.to_vec(), 1)
+            .try_acquire()
+            .unwrap()
+            .expect("all at once");
         drop(all);
         l.flush().unwrap();
         let listed: Vec<String> = l
