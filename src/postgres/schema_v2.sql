@@ -78,22 +78,42 @@ END
 $$;
 
 -- Looks at the waiters queued on `p_names`, in ticket order, passing over
--- those with no room on a limit (see above) unless an attempt is counted.
+-- those with no room on a limit (see above) unless an attempt is counted,
+-- and stopping once none of `p_names` has room for anyone further back
+-- (but for the attempts left to count).
 CREATE FUNCTION __NS__.pump(p_names text[], p_counts boolean, t timestamptz)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    q record;
+    tk bigint;
+    names text[];
+    counted boolean;
     full_on text[] := '{}';
 BEGIN
-    FOR q IN
-        SELECT ws.ticket, ws.max_retries IS NOT NULL AS counted,
-               ARRAY(SELECT a.name FROM __NS__.waiter_limits a WHERE a.ticket = ws.ticket) AS names
-          FROM __NS__.waiters ws
-         WHERE ws.ticket IN (SELECT ticket FROM __NS__.waiter_limits WHERE name = ANY (p_names))
-         ORDER BY ws.ticket
+    FOR tk IN
+        SELECT DISTINCT ticket FROM __NS__.waiter_limits WHERE name = ANY (p_names) ORDER BY ticket
     LOOP
-        CONTINUE WHEN q.names && full_on AND NOT (p_counts AND q.counted);
-        full_on := full_on || __NS__.consider(q.ticket, p_counts, false, t);
+        IF p_names <@ full_on THEN
+            EXIT WHEN NOT p_counts;
+            FOR tk IN
+                SELECT w.ticket FROM __NS__.waiters w
+                 WHERE w.max_retries IS NOT NULL AND w.status = 'queued' AND w.ticket >= tk
+                   AND EXISTS (SELECT 1 FROM __NS__.waiter_limits wl
+                                WHERE wl.ticket = w.ticket AND wl.name = ANY (p_names))
+                 ORDER BY w.ticket
+            LOOP
+                PERFORM __NS__.consider(tk, true, false, t);
+            END LOOP;
+            EXIT;
+        END IF;
+        names := ARRAY(SELECT a.name FROM __NS__.waiter_limits a WHERE a.ticket = tk);
+        IF names && full_on THEN
+            SELECT w.max_retries IS NOT NULL INTO counted FROM __NS__.waiters w WHERE w.ticket = tk;
+            CONTINUE WHEN NOT (p_counts AND counted);
+        END IF;
+        full_on := full_on || __NS__.consider(tk, p_counts, false, t);
     END LOOP;
 END
 $$;
+
+-- The waiters whose attempts count, for the pumps above.
+CREATE INDEX ON __NS__.waiters (ticket) WHERE max_retries IS NOT NULL;
