@@ -406,6 +406,67 @@ fn async_acquisitions(l: &Limiter) {
     });
 }
 
+/// Everything called from tokio tasks, on a current-thread and on a
+/// multi-thread runtime: management, `try_acquire`, a blocking acquisition,
+/// `.await`, `release()`, and tasks handing a limit of 1 to each other.
+fn inside_tokio(l: &Limiter) {
+    l.create_limit("t", LimitConfig::new(1)).unwrap();
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for rt in [current, multi] {
+        let l = l.clone();
+        rt.block_on(async move {
+            l.update_limit("t", LimitUpdate::new().limit(1)).unwrap();
+            assert_eq!(l.try_limit("t").unwrap().unwrap().limit, 1);
+            let g = l.concurrency("t", 1).try_acquire().unwrap().expect("free");
+            assert!(l.concurrency("t", 1).try_acquire().unwrap().is_none());
+            g.release();
+            let g = l
+                .concurrency("t", 1)
+                .timeout(Duration::from_secs(10))
+                .acquire()
+                .unwrap();
+            drop(g);
+            let g = l.concurrency("t", 1).await.unwrap();
+            g.release();
+            // Tasks taking turns, each holding a moment.
+            let tasks: Vec<_> = (0..4)
+                .map(|_| {
+                    let l = l.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..3 {
+                            let g = l
+                                .concurrency("t", 1)
+                                .timeout(Duration::from_secs(30))
+                                .await
+                                .unwrap();
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            g.release();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+    }
+    l.flush().unwrap();
+    assert_eq!(l.try_limit("t").unwrap().unwrap().active_slots, 0);
+}
+
+#[test]
+fn inside_tokio_both() {
+    both("inside_tokio", inside_tokio);
+}
+
 #[test]
 fn management_both() {
     both("management", management);

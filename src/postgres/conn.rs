@@ -7,6 +7,12 @@
 //! every call here has a deadline; past it the connection is closed (the
 //! call then fails as on any broken connection, and the callers' handling
 //! of a lost reply applies) and [`Client::timed_out`] says why.
+//!
+//! tokio refuses to block on a runtime from a thread that is inside another
+//! ("Cannot start a runtime from within a runtime"): a call made from a
+//! tokio task (an `.await` on a shared limit makes its round trips inside
+//! `poll`; a guard's `release()`, `try_acquire` or a management call may be
+//! made there too) runs on a short-lived thread of its own instead.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -55,6 +61,14 @@ impl Client {
     /// accepts and never answers (the configuration's connect timeout
     /// covers only the socket). Each call then may take `budget`.
     pub fn connect(
+        config: &Config,
+        deadline: Instant,
+        budget: Duration,
+    ) -> Result<Client, ConnectError> {
+        off_runtime(|| Client::connect_here(config, deadline, budget))
+    }
+
+    fn connect_here(
         config: &Config,
         deadline: Instant,
         budget: Duration,
@@ -174,7 +188,14 @@ impl Client {
 impl Driver {
     /// Runs `call` to its end or to the deadline, driving the connection
     /// (and keeping the notifications it brings) meanwhile.
-    fn run<T>(&mut self, call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    fn run<T: Send>(
+        &mut self,
+        call: impl Future<Output = Result<T, Error>> + Send,
+    ) -> Result<T, Error> {
+        off_runtime(|| self.run_here(call))
+    }
+
+    fn run_here<T>(&mut self, call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
         let now = Instant::now();
         let deadline = self
             .until
@@ -212,6 +233,22 @@ impl Driver {
             }
         }
     }
+}
+
+/// Runs `f` here, or on a thread of its own if this thread is inside a
+/// tokio runtime (see the module's documentation).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("turnstile-pg-call".into())
+            .spawn_scoped(s, f)
+            .expect("a thread for a call made inside a tokio runtime")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Polls the connection until it has nothing more to give, keeping the
