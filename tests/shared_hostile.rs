@@ -1,7 +1,7 @@
 //! Bad input and hostile peers over the wire (issue 11, item 6): a server
 //! that stops answering in the middle of a call, a wrong password, a
 //! missing database, a server that is not PostgreSQL, and names that try
-//! to be SQL. Each must end in a clear `Error` within the caller's timeout
+//! to be SQL or limits the server cannot hold. Each must end in a clear `Error` within the caller's timeout
 //! (or the documented budget of a call without one), never a hang or a
 //! panic, with no password in any message; and the limiter must work again
 //! once the server answers.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::{cluster_or_skip, shared_cluster_or_skip};
 use common::{eventually, watchdog};
-use turnstile::{Error, Event, LimitConfig, Limiter};
+use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
 
 const WATCHDOG: Duration = Duration::from_secs(120);
 
@@ -372,7 +372,7 @@ fn a_server_that_is_not_postgresql_fails_clearly() {
 }
 
 #[test]
-fn names_that_look_like_sql_are_only_names() {
+fn names_and_limits_are_kept_verbatim_or_refused() {
     watchdog(WATCHDOG, || {
         let Some(cluster) = shared_cluster_or_skip("names_that_look_like_sql") else {
             return;
@@ -430,6 +430,22 @@ fn names_that_look_like_sql_are_only_names() {
             assert_eq!(l.try_limit(name).unwrap().unwrap().active_slots, 0);
         }
         assert_eq!(tables(), tables_before, "the namespace's tables changed");
+        // A limit the server cannot hold is refused, not cut down.
+        let err = l
+            .create_limit("huge", LimitConfig::new(3_000_000_000))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig { reason, .. } if reason.contains("3000000000")),
+            "{err:?}"
+        );
+        assert!(l.try_limit("huge").unwrap().is_none());
+        l.create_limit("huge", LimitConfig::new(i32::MAX as u32))
+            .unwrap();
+        let err = l
+            .update_limit("huge", LimitUpdate::new().limit(u32::MAX))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+        assert_eq!(l.try_limit("huge").unwrap().unwrap().limit, i32::MAX as u32);
         // Names no limit may have are refused before anything is sent.
         for bad in ["", " lead", "nul\0byte", &"n".repeat(256)] {
             let err = l.create_limit(bad, LimitConfig::new(1)).unwrap_err();

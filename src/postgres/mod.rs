@@ -380,7 +380,7 @@ impl Manage for Inner {
     fn create(&self, name: &str, config: &LimitConfig) -> Result<LimitInfo, Error> {
         config.check(name)?;
         let sql = self.ns.sql("SELECT __NS__.create_limit($1, $2, $3, $4)");
-        let cap = i32::try_from(config.limit).unwrap_or(i32::MAX);
+        let cap = shared_cap(name, config.limit)?;
         self.call(name, |c| {
             c.execute(
                 &sql,
@@ -396,7 +396,7 @@ impl Manage for Inner {
         validate_name(name)?;
         update.validate(name)?;
         let sql = self.ns.sql("SELECT __NS__.update_limit($1, $2, $3, $4)");
-        let cap = update.limit.map(|l| i32::try_from(l).unwrap_or(i32::MAX));
+        let cap = update.limit.map(|l| shared_cap(name, l)).transpose()?;
         self.call(name, |c| {
             c.execute(
                 &sql,
@@ -477,6 +477,15 @@ fn info_of(row: &Row) -> LimitInfo {
         waiters: row.get::<_, i64>("waiters").max(0) as usize,
         avg_slot_occupancy_seconds: row.get("avg_occupancy"),
     }
+}
+
+/// A limit as the server stores it (a 32-bit signed integer): above
+/// 2,147,483,647 is refused, not cut down.
+fn shared_cap(name: &str, limit: u32) -> Result<i32, Error> {
+    i32::try_from(limit).map_err(|_| Error::InvalidConfig {
+        name: name.to_string(),
+        reason: format!("limit {limit}: a shared limit holds at most {}", i32::MAX),
+    })
 }
 
 /// An `Error::Storage` for the database `target` and namespace `ns`.
