@@ -1,10 +1,10 @@
 //! Bad input and hostile peers over the wire (issue 11, item 6): a server
 //! that stops answering in the middle of a call, a wrong password, a
-//! missing database, a server that is not PostgreSQL, and names that try
-//! to be SQL or limits the server cannot hold. Each must end in a clear `Error` within the caller's timeout
-//! (or the documented budget of a call without one), never a hang or a
-//! panic, with no password in any message; and the limiter must work again
-//! once the server answers.
+//! missing database, a server that is not PostgreSQL, names that try to be
+//! SQL, and limits the server cannot hold. Each must end in a clear `Error`
+//! within the caller's timeout (or the documented budget of a call without
+//! one), never a hang or a panic, with no password in any message; and the
+//! limiter must work again once the server answers.
 //!
 //! Where PostgreSQL is missing these tests say `SKIPPED` and check nothing;
 //! under `CI` they fail.
