@@ -4,7 +4,8 @@
 //! `LISTEN`s for grants and wakes exactly the waiters named, renews the
 //! lease at least every `lease / 3` (and at most every second), and frees
 //! what dead clients held (`reap`). Beside it, the releaser thread sends the
-//! releases and withdrawals of dropped guards and futures.
+//! releases and withdrawals of dropped guards and futures, and between them
+//! watches the lease too (the keeper may be stuck connecting).
 //!
 //! A lost session (the connection broke) is resumed with backoff on a new
 //! one; notifications sent meanwhile are lost, so every local waiter looks
@@ -344,6 +345,11 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
                 if inner.stop.load(Ordering::SeqCst) {
                     return;
                 }
+                // The keeper cannot tell a lost lease while it waits for a
+                // connection to a host it is cut off from (up to the
+                // connect timeout): the lease is watched here too, so that
+                // `LeaseLost` comes when it runs out, as `is_lost()` says.
+                expire_if_due(inner);
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
