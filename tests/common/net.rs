@@ -1,13 +1,15 @@
 //! Hosts of our own on this machine: one network namespace per host, each
 //! joined to a bridge in the root namespace by a veth pair, with addresses
 //! in 10.213.N.0/24 (N free on this machine when made). The root namespace
-//! reaches every host through the bridge's address (`.254`). Cutting a
-//! host sets the root end of its veth pair down: its packets, both ways,
-//! are then dropped without a word, as in a real partition. Everything is
+//! reaches every host through the bridge's address (`.254`). A host is cut
+//! off either by setting the root end of its veth pair down (its own end
+//! loses its carrier) or by disabling its bridge port (both ends stay up:
+//! a switch silently dropping its traffic); either way its packets, both
+//! ways, are dropped without a word. Everything is
 //! removed on drop (also while unwinding), and what a killed test process
 //! left behind is removed by the next [`Net::new`].
 //!
-//! Needs root and iproute2 (`ip`). Names start with `tsp<pid>x<k>` (links
+//! Needs root and iproute2 (`ip`, `bridge`). Names start with `tsp<pid>x<k>` (links
 //! must fit in 15 bytes).
 #![allow(dead_code)]
 
@@ -83,7 +85,7 @@ impl Net {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let k = COUNTER.fetch_add(1, Ordering::Relaxed) % 10;
         let base = format!("{PREFIX}{}x{k}", std::process::id());
-        let subnet = free_subnet()?;
+        let subnet = free_subnet(k)?;
         let mut net = Net {
             bridge: format!("{base}b"),
             hosts: Vec::new(),
@@ -134,14 +136,25 @@ impl Net {
         ["ip", "netns", "exec", &self.host(name).ns].map(String::from)
     }
 
-    /// Cuts host `name` off: everything it sends or is sent is dropped.
+    /// Cuts host `name` off by setting the root end of its link down: its
+    /// own end loses its carrier (a pulled cable), and everything it sends
+    /// or is sent is dropped.
     pub fn cut(&self, name: &str) {
         ip(&["link", "set", &self.host(name).link, "down"]).expect("cut");
     }
 
-    /// Joins host `name` again.
+    /// Cuts host `name` off silently: the bridge stops forwarding to and
+    /// from its port (a switch dropping its traffic), and both ends of its
+    /// link stay up.
+    pub fn drop_traffic(&self, name: &str) {
+        bridge_port_state(&self.host(name).link, "0").expect("disable the bridge port");
+    }
+
+    /// Joins host `name` again, however it was cut.
     pub fn heal(&self, name: &str) {
-        ip(&["link", "set", &self.host(name).link, "up"]).expect("heal");
+        let link = &self.host(name).link;
+        ip(&["link", "set", link, "up"]).expect("heal");
+        bridge_port_state(link, "3").expect("forward on the bridge port");
     }
 }
 
@@ -156,10 +169,28 @@ impl Drop for Net {
     }
 }
 
+/// `bridge link set dev LINK state STATE` (0 disabled, 3 forwarding).
+fn bridge_port_state(link: &str, state: &str) -> Result<(), String> {
+    let out = Command::new("bridge")
+        .args(["link", "set", "dev", link, "state", state])
+        .output()
+        .map_err(|e| format!("run bridge: {e} (is iproute2 installed?)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "bridge link set dev {link} state {state}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// A third octet N such that no address of this machine is in 10.213.N.0/24.
-fn free_subnet() -> Result<u8, String> {
+/// `k` tells apart the networks of one process (made in parallel).
+fn free_subnet(k: u32) -> Result<u8, String> {
     let used = ip(&["-4", "-o", "addr", "show"])?;
-    let start = std::process::id() % 250;
+    let start = (std::process::id() + 25 * k) % 250;
     (0..250)
         .map(|i| ((start + i) % 250 + 1) as u8)
         .find(|n| !used.contains(&format!(" 10.213.{n}.")))
