@@ -170,6 +170,38 @@ fn x_counts(l: &Limiter) -> (u32, usize) {
     (i.held_slots, i.waiters)
 }
 
+/// The server's sessions from host `host`: how many, and how many of them
+/// are orphaned (no socket of the host's own is their other end).
+fn sessions(net: &Net, db: &mut postgres::Client, host: &str, port: u16) -> (usize, usize) {
+    let addr = &net.host(host).addr;
+    let server: Vec<i32> = db
+        .query(
+            "SELECT client_port FROM pg_stat_activity WHERE host(client_addr) = $1",
+            &[addr],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let on = net.on(host);
+    let out = Command::new(&on[0])
+        .args(&on[1..])
+        .args(["ss", "-Htn", "state", "established"])
+        .output()
+        .expect("ss");
+    // Recv-Q Send-Q Local:Port Peer:Port
+    let peer = format!("{}:{port}", net.host("db").addr);
+    let ours: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[3] == peer).then(|| f[2].rsplit(':').next()?.parse().ok())?
+        })
+        .collect();
+    let orphaned = server.iter().filter(|p| !ours.contains(p)).count();
+    (server.len(), orphaned)
+}
+
 /// One number from the database.
 fn scalar(db: &mut postgres::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).unwrap().get(0)
@@ -257,6 +289,9 @@ fn partition(test: &str, how: Cut) {
         &mut db,
         &format!("SELECT id FROM {NS}.clients WHERE pid = {a_pid}"),
     );
+    // The server's sessions from a: it cannot tell that a is cut off
+    // until TCP does (figures only).
+    let sessions_before = sessions(&net, &mut db, "a", cluster.port());
 
     // Cut. a's lease runs out at the server's `lease_until` as a last
     // renewed it; until then its row stays and x stays as it was.
@@ -289,6 +324,7 @@ fn partition(test: &str, how: Cut) {
         thread::sleep(Duration::from_millis(10));
     }
     let expiry = expiry.expect("a's lease was seen");
+    let sessions_cut = sessions(&net, &mut db, "a", cluster.port());
     assert!(samples > 10, "{samples} looks at a's lease only");
     say(format!(
         "a's lease (3 s, from its last renewal) ran out {:.3} s after the cut",
@@ -355,6 +391,11 @@ fn partition(test: &str, how: Cut) {
     say(format!(
         "heal: a's waiter queued again {:.3} s after the link came back",
         healed.elapsed().as_secs_f64()
+    ));
+    say(format!(
+        "the server's sessions from a (all, orphaned): {sessions_before:?} before the cut, \
+         {sessions_cut:?} when its lease ran out, {:?} after healing",
+        sessions(&net, &mut db, "a", cluster.port())
     ));
     a.send("acquire a4 x");
     queued(&obs, "x", 3);
@@ -423,6 +464,10 @@ fn partition(test: &str, how: Cut) {
     a.expect("RELEASED a4 false", SOON);
     c.expect("RELEASED c2 false", SOON);
     assert_eq!(x_counts(&obs), (0, 0));
+    say(format!(
+        "the server's sessions from a (all, orphaned) at the end: {:?}",
+        sessions(&net, &mut db, "a", cluster.port())
+    ));
     // Still one event per lost guard, however long a was away.
     assert_eq!(a.count("EVENT "), 0, "{:?}", a.said());
     for kid in [a, b, c] {
