@@ -16,6 +16,8 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 const PREFIX: &str = "tsp";
 
@@ -154,7 +156,13 @@ impl Net {
     pub fn heal(&self, name: &str) {
         let link = &self.host(name).link;
         ip(&["link", "set", link, "up"]).expect("heal");
-        bridge_port_state(link, "3").expect("forward on the bridge port");
+        // A port whose link was down accepts a state only once the link is
+        // up (ENETDOWN until then), which the kernel reports a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = bridge_port_state(link, "3") {
+            assert!(Instant::now() < deadline, "forward on the bridge port: {e}");
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
