@@ -105,6 +105,21 @@ impl Kid {
         self.child.id()
     }
 
+    /// Sends signal `sig` (`KILL`, `STOP`, `CONT`, ...) to the child.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    /// Waits for it to exit (after a signal, say).
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+
     /// Closes its stdin and waits for it to exit successfully.
     pub fn wait_ok(mut self) {
         self.stdin.borrow_mut().take();
