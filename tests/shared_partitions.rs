@@ -2,7 +2,8 @@
 //! runs in a network namespace of its own, three client hosts (this test
 //! binary re-executed under `ip netns exec`) in three others, all on one
 //! bridge (see `tests/common/net.rs`). Host `a`, with a 3 s lease, holds
-//! both slots of a limit and has a waiter queued when it is cut off, its
+//! both slots of limit x and has a waiter queued on it when it is cut off
+//! (and drops its guard on limit y just after: a release pending), its
 //! packets dropped both ways: by its link going down (one test), or
 //! silently, its link up, by a bridge that stops forwarding (the other).
 //! Each test proves, against the server's own record of `a`'s lease
@@ -12,7 +13,8 @@
 //!   before the cut get them within 3 s after (the promise is 1 s; the
 //!   figures are printed);
 //! * `a`'s guards report `is_lost()` by then, and `Event::LeaseLost` is
-//!   emitted exactly once per guard, within 1 s of the expiry;
+//!   emitted exactly once per guard (none for the dropped one), within 1 s
+//!   of the expiry, although a's release is pending;
 //! * when the link comes back, `a`'s late releases give nothing back twice
 //!   (held counts equal the live holds, the server's rows agree), its lost
 //!   client does not come back to life, and its re-queued and new
@@ -72,6 +74,8 @@ fn connect(url: &str, lease: Duration) -> Limiter {
 /// * `acquire TAG NAME`: queues for 1 slot of NAME on a thread of its own
 ///   (`QUEUING TAG`), then `GOT TAG time` (or `FAILED TAG error`);
 /// * `release TAG`: `release()`s that guard, then `RELEASED TAG was_lost`;
+/// * `drop TAG`: drops that guard (its release sent in the background),
+///   then `DROPPED TAG`; `flush`: `FLUSHED ok` (`ok` true or false);
 /// * `info NAME`: `INFO held waiters` as this host sees them.
 ///
 /// Also `LOST TAG time` once when a guard starts to report `is_lost()`,
@@ -136,6 +140,11 @@ fn child() {
                     }
                 });
             }
+            ["drop", tag] => {
+                drop(guards.lock().unwrap().remove(tag).expect("a guard"));
+                println!("DROPPED {tag}");
+            }
+            ["flush"] => println!("FLUSHED {:?}", l.flush().is_ok()),
             ["release", tag] => {
                 let g = guards.lock().unwrap().remove(tag).expect("a guard");
                 let lost = g.is_lost();
@@ -173,7 +182,12 @@ fn time_of(line: &str) -> f64 {
 
 /// `(held, waiters)` of limit x, as the server counts them.
 fn x_counts(l: &Limiter) -> (u32, usize) {
-    let i = l.limit("x").expect("limit x");
+    counts(l, "x")
+}
+
+/// `(held, waiters)` of limit `name`, as the server counts them.
+fn counts(l: &Limiter, name: &str) -> (u32, usize) {
+    let i = l.limit(name).expect("the limit");
     (i.held_slots, i.waiters)
 }
 
@@ -289,6 +303,7 @@ fn partition(test: &str, how: Cut) {
     // The observer, in the root namespace (never cut off).
     let obs = connect(&url, LONG_LEASE);
     obs.create_limit("x", LimitConfig::new(2)).unwrap();
+    obs.create_limit("y", LimitConfig::new(1)).unwrap();
 
     let a = spawn_host(&net, "a", &url, SHORT_LEASE);
     let b = spawn_host(&net, "b", &url, LONG_LEASE);
@@ -297,11 +312,14 @@ fn partition(test: &str, how: Cut) {
     b.expect("READY", SOON);
     c.expect("READY", SOON);
 
-    // a holds both slots; then b, a and c queue, in this order.
+    // a holds both slots of x, and y; then b, a and c queue on x, in this
+    // order.
     a.send("acquire a1 x");
     a.send("acquire a2 x");
+    a.send("acquire y0 y");
     a.expect("GOT a1 ", SOON);
     a.expect("GOT a2 ", SOON);
+    a.expect("GOT y0 ", SOON);
     for (i, (kid, tag)) in [(&b, "b1"), (&a, "a3"), (&c, "c1")].iter().enumerate() {
         kid.send(&format!("acquire {tag} x"));
         queued(&obs, "x", i + 1);
@@ -318,6 +336,10 @@ fn partition(test: &str, how: Cut) {
         Cut::LinkDown => net.cut("a"),
         Cut::Silent => net.drop_traffic("a"),
     }
+    // A guard dropped while cut off: its release cannot reach the server
+    // (a's background threads are busy trying to send it).
+    a.send("drop y0");
+    a.expect("DROPPED y0", SOON);
     let lease_sql = format!(
         "SELECT extract(epoch FROM lease_until)::float8 FROM {NS}.clients WHERE id = {a_client}"
     );
@@ -325,11 +347,15 @@ fn partition(test: &str, how: Cut) {
     let mut samples = 0;
     let cut_at = Instant::now();
     loop {
-        let counts = x_counts(&obs);
+        let seen = (x_counts(&obs), counts(&obs, "y"));
         match db.query_opt(&lease_sql, &[]).unwrap() {
             Some(row) => {
                 // Read before the row: a was not reaped yet then.
-                assert_eq!(counts, (2, 3), "x changed before a's lease ran out");
+                assert_eq!(
+                    seen,
+                    ((2, 3), (1, 0)),
+                    "x or y changed before a's lease ran out"
+                );
                 expiry = Some(row.get::<_, f64>(0));
                 samples += 1;
             }
@@ -373,8 +399,12 @@ fn partition(test: &str, how: Cut) {
         assert!(t - expiry < 3.0, "{tag}: {:.3} s", t - expiry);
     }
     assert_eq!(x_counts(&obs), (2, 0));
+    // y came back with a's lease, and c takes it.
+    assert_eq!(counts(&obs, "y"), (0, 0));
+    c.send("acquire cy y");
+    c.expect("GOT cy ", SOON);
 
-    // a's guards are lost, each told once.
+    // a's guards are lost, each told once (none for the dropped guard).
     for tag in ["a1", "a2"] {
         let lost = time_of(&a.expect(&format!("LOST {tag} "), SOON));
         say(format!(
@@ -434,7 +464,10 @@ fn partition(test: &str, how: Cut) {
     c.send("acquire c2 x");
     queued(&obs, "x", 4);
 
-    // a's lost guards give nothing back: x still counts b1 and c1 only.
+    // a's lost guards give nothing back: x still counts b1 and c1 only,
+    // y c's hold only (y0's release, if still pending, is done).
+    a.send("flush");
+    a.expect("FLUSHED", SOON);
     for tag in ["a1", "a2"] {
         a.send(&format!("release {tag}"));
         assert_eq!(
@@ -444,6 +477,7 @@ fn partition(test: &str, how: Cut) {
     }
     obs.flush().unwrap();
     assert_eq!(x_counts(&obs), (2, 4), "a lost slot was given back twice");
+    assert_eq!(counts(&obs, "y"), (1, 0), "y0 was given back twice");
     a.send("info x");
     assert_eq!(a.expect("INFO", SOON), "INFO 2 4");
     let old_rows = scalar(
@@ -496,6 +530,9 @@ fn partition(test: &str, how: Cut) {
     a.expect("RELEASED a4 false", SOON);
     c.expect("RELEASED c2 false", SOON);
     assert_eq!(x_counts(&obs), (0, 0));
+    c.send("release cy");
+    c.expect("RELEASED cy false", SOON);
+    assert_eq!(counts(&obs, "y"), (0, 0));
     // Still one event per lost guard, however long a was away.
     assert_eq!(a.count("EVENT "), 0, "{:?}", a.said());
     for kid in [a, b, c] {
