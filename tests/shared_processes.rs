@@ -13,14 +13,14 @@
 mod common;
 
 use std::future::{Future, IntoFuture};
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::kid::Kid;
 use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
 use common::{eventually, queued, unix_now, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
@@ -48,73 +48,14 @@ fn namespace(test: &str, ns: &str) -> Option<(String, Limiter)> {
 }
 
 /// A child process running `role`, its stdout read line by line.
-struct Kid {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Kid {
-    fn spawn(role: &str, url: &str, ns: &str, arg: &str) -> Kid {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, role)
-            .env(URL_ENV, url)
-            .env(NS_ENV, ns)
-            .env(ARG_ENV, arg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout: ChildStdout = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Kid { child, lines }
-    }
-
-    /// The next line with `prefix`, from it on, within `within`.
-    fn expect(&self, prefix: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                // The harness may have begun the line ("test child ... ").
-                Ok(line) => {
-                    if let Some(at) = line.find(prefix) {
-                        return line[at..].to_string();
-                    }
-                }
-                Err(e) => panic!("child: no {prefix:?} within {within:?} ({e})"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    fn wait_ok(mut self) {
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "child failed: {status}");
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn spawn_kid(role: &str, url: &str, ns: &str, arg: &str) -> Kid {
+    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+    cmd.args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, role)
+        .env(URL_ENV, url)
+        .env(NS_ENV, ns)
+        .env(ARG_ENV, arg);
+    Kid::spawn(role, cmd)
 }
 
 fn say(line: &str) {
@@ -331,7 +272,7 @@ fn a_killed_holder_gives_back_within_seconds() {
             return;
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
-        let kid = Kid::spawn("hold", &url, "killed_holder", "");
+        let kid = spawn_kid("hold", &url, "killed_holder", "");
         kid.expect("HELD", Duration::from_secs(30));
         assert!(l.concurrency("x", 1).try_acquire().unwrap().is_none());
         let l2 = l.clone();
@@ -369,7 +310,7 @@ fn first_come_first_served_and_all_or_nothing_across_processes() {
         let wants = ["a", "b+a", "a"];
         let mut kids = Vec::new();
         for (i, want) in wants.iter().enumerate() {
-            let kid = Kid::spawn("turn", &url, ns, want);
+            let kid = spawn_kid("turn", &url, ns, want);
             kid.expect("QUEUING", Duration::from_secs(30));
             queued(&l, "a", i + 1);
             kids.push(kid);
@@ -427,7 +368,7 @@ fn no_limit_is_ever_over_admitted_across_processes() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(400);
         let kids: Vec<Kid> = (0..4)
-            .map(|_| Kid::spawn("oracle", &url, ns, &per.to_string()))
+            .map(|_| spawn_kid("oracle", &url, ns, &per.to_string()))
             .collect();
         for kid in &kids {
             kid.expect("READY", Duration::from_secs(30));
@@ -506,7 +447,7 @@ fn killed_processes_leave_nothing_behind() {
         let key = namespace_key(&mut db, ns);
         let mut count = |sql: &str| -> i64 { db.query_one(sql, &[]).unwrap().get(0) };
         let spawn = || {
-            let kid = Kid::spawn("churn", &url, ns, "");
+            let kid = spawn_kid("churn", &url, ns, "");
             kid.expect("READY", Duration::from_secs(30));
             kid
         };
@@ -519,10 +460,10 @@ fn killed_processes_leave_nothing_behind() {
             seed ^= seed << 17;
             thread::sleep(Duration::from_millis(200 + seed % 600));
             let victim = (seed % kids.len() as u64) as usize;
-            let pid = kids[victim].child.id() as i32;
+            let pid = kids[victim].id() as i32;
             kids[victim].signal("KILL");
             let killed = Instant::now();
-            let _ = kids[victim].child.wait();
+            let _ = kids[victim].wait();
             let gone = format!("SELECT count(*) FROM {ns}.clients WHERE pid = {pid}");
             let orphans = format!(
                 "SELECT (SELECT count(*) FROM {ns}.holds h WHERE NOT EXISTS \
@@ -596,7 +537,7 @@ fn a_killed_waiter_leaves_no_ticket() {
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let held = l.concurrency("x", 1).acquire().unwrap();
-        let kid = Kid::spawn("queue", &url, "killed_waiter", "");
+        let kid = spawn_kid("queue", &url, "killed_waiter", "");
         kid.expect("QUEUING", Duration::from_secs(30));
         queued(&l, "x", 1);
         let killed = Instant::now();
@@ -624,7 +565,7 @@ fn processes_take_turns_without_overlap() {
         l.create_limit("y", LimitConfig::new(2)).unwrap();
         let per = 15;
         let kids: Vec<Kid> = (0..4)
-            .map(|_| Kid::spawn("cycle", &url, ns, &per.to_string()))
+            .map(|_| spawn_kid("cycle", &url, ns, &per.to_string()))
             .collect();
         for kid in &kids {
             kid.expect("READY", Duration::from_secs(30));
@@ -667,7 +608,7 @@ fn a_frozen_process_keeps_its_slots_until_its_lease_expires() {
             return;
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
-        let kid = Kid::spawn("lease", &url, ns, "");
+        let kid = spawn_kid("lease", &url, ns, "");
         kid.expect("HELD", Duration::from_secs(30));
         // Frozen: its session stays open, so only its lease can tell.
         kid.signal("STOP");
@@ -700,7 +641,7 @@ fn a_cli_edit_reaches_waiters_in_two_processes() {
             return;
         };
         l.create_limit("p", LimitConfig::new(0)).unwrap();
-        let kids: Vec<Kid> = (0..2).map(|_| Kid::spawn("paused", &url, ns, "")).collect();
+        let kids: Vec<Kid> = (0..2).map(|_| spawn_kid("paused", &url, ns, "")).collect();
         for kid in &kids {
             kid.expect("QUEUING", Duration::from_secs(30));
         }

@@ -4,7 +4,9 @@
 //! `LISTEN`s for grants and wakes exactly the waiters named, renews the
 //! lease at least every `lease / 3` (and at most every second), and frees
 //! what dead clients held (`reap`). Beside it, the releaser thread sends the
-//! releases and withdrawals of dropped guards and futures.
+//! releases and withdrawals of dropped guards and futures, and the lease
+//! watcher loses the holds when the lease runs out (the other two may be
+//! stuck connecting then).
 //!
 //! A lost session (the connection broke) is resumed with backoff on a new
 //! one; notifications sent meanwhile are lost, so every local waiter looks
@@ -40,7 +42,7 @@ pub(crate) struct Session {
 /// and the renewal schedule).
 const SLICE: Duration = Duration::from_millis(50);
 
-/// Starts the keeper and the releaser.
+/// Starts the keeper, the releaser and the lease watcher.
 pub(crate) fn start(inner: Arc<Inner>, jobs: Receiver<Job>) -> Result<JoinHandle<()>, Error> {
     let releaser = {
         let inner = inner.clone();
@@ -49,12 +51,20 @@ pub(crate) fn start(inner: Arc<Inner>, jobs: Receiver<Job>) -> Result<JoinHandle
             .spawn(move || release_loop(&inner, &jobs))
     }
     .map_err(|e| inner.storage(&format!("cannot start a thread: {e}"), None))?;
+    let watcher = {
+        let inner = inner.clone();
+        thread::Builder::new()
+            .name("turnstile-pg-lease".into())
+            .spawn(move || watch_lease(&inner))
+    }
+    .map_err(|e| inner.storage(&format!("cannot start a thread: {e}"), None))?;
     let keeper_inner = inner.clone();
     thread::Builder::new()
         .name("turnstile-pg-keeper".into())
         .spawn(move || {
             keep(&keeper_inner);
             let _ = releaser.join();
+            let _ = watcher.join();
         })
         .map_err(|e| inner.storage(&format!("cannot start a thread: {e}"), None))
 }
@@ -105,6 +115,16 @@ fn keep(inner: &Inner) {
     }
     inner.waits.wake_all();
     inner.session_changed.notify_all();
+}
+
+/// Loses the holds when the lease runs out, on time: the keeper and the
+/// releaser cannot tell while they wait for a connection to a database they
+/// are cut off from (up to the connect timeout, 5 s).
+fn watch_lease(inner: &Inner) {
+    while !inner.stop.load(Ordering::SeqCst) {
+        thread::sleep(SLICE);
+        expire_if_due(inner);
+    }
 }
 
 /// Loses the session's holds if its lease ran out while it could not renew.

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod kid;
+pub mod net;
 pub mod pg;
 
 use std::sync::mpsc;

@@ -196,7 +196,17 @@ fn skip_or_fail(test: &str, why: &str) {
 
 /// [`cluster_or_skip`] with extra settings, as [`Cluster::start_with`].
 pub fn cluster_or_skip_with(test: &str, settings: &[(&str, &str)]) -> Option<Cluster> {
-    match Cluster::start_with(settings) {
+    cluster_or_skip_wrapped(test, settings, &[])
+}
+
+/// [`cluster_or_skip_with`] under a command prefix, as
+/// [`Cluster::start_wrapped`].
+pub fn cluster_or_skip_wrapped(
+    test: &str,
+    settings: &[(&str, &str)],
+    wrap: &[&str],
+) -> Option<Cluster> {
+    match Cluster::start_wrapped(settings, wrap) {
         Ok(cluster) => Some(cluster),
         Err(why) => {
             skip_or_fail(test, &why);
@@ -217,6 +227,9 @@ pub struct Cluster {
     port: u16,
     /// Run the server tools as `postgres` (we are root).
     as_postgres: bool,
+    /// A command prefix for every server tool and `psql`, e.g.
+    /// `ip netns exec NS` (empty: none).
+    wrap: Vec<String>,
 }
 
 impl Cluster {
@@ -229,6 +242,16 @@ impl Cluster {
     /// `&[("fsync", "off")]`, written to the cluster's configuration (so
     /// they hold across restarts).
     pub fn start_with(settings: &[(&str, &str)]) -> Result<Cluster, String> {
+        Cluster::start_wrapped(settings, &[])
+    }
+
+    /// [`Cluster::start_with`], every server tool (and [`Cluster::psql`])
+    /// run under the command prefix `wrap`: `&["ip", "netns", "exec", NS]`
+    /// puts the server in network namespace NS, where `127.0.0.1` is that
+    /// namespace's loopback (add its other addresses with a
+    /// `listen_addresses` setting). The prefix must keep working until the
+    /// cluster is dropped.
+    pub fn start_wrapped(settings: &[(&str, &str)], wrap: &[&str]) -> Result<Cluster, String> {
         let bin = pg_bin()?;
         let as_postgres = running_as_root();
         static SWEEP: Once = Once::new();
@@ -252,6 +275,7 @@ impl Cluster {
             bin,
             port: 0,
             as_postgres,
+            wrap: wrap.iter().map(|w| w.to_string()).collect(),
         };
         fs::write(cluster.root.join(MARKER), "a turnstile test cluster\n")
             .map_err(|e| format!("write the marker: {e}"))?;
@@ -395,7 +419,7 @@ impl Cluster {
             .args(["-c", sql])
             .env("PGCONNECT_TIMEOUT", "10");
         clear_pg_env(&mut cmd);
-        let out = cmd
+        let out = wrapped(cmd, &self.wrap)
             .output()
             .map_err(|e| format!("run {}: {e}", psql.display()))?;
         if out.status.success() {
@@ -482,7 +506,7 @@ impl Cluster {
     fn pg_tool(&self, tool: &str, args: &[&str]) -> Result<(), String> {
         let program = self.bin.join(tool);
         let program = program.to_string_lossy();
-        let out = run_tool(&program, args, self.as_postgres, &self.root)?;
+        let out = run_tool(&program, args, self.as_postgres, &self.root, &self.wrap)?;
         if out.status.success() {
             Ok(())
         } else {
@@ -515,8 +539,15 @@ fn check_mode(mode: &str) -> Result<(), String> {
     }
 }
 
-/// Runs `program args` in `cwd`, as user `postgres` if `as_postgres`.
-fn run_tool(program: &str, args: &[&str], as_postgres: bool, cwd: &Path) -> Result<Output, String> {
+/// Runs `program args` in `cwd`, as user `postgres` if `as_postgres`,
+/// under the command prefix `wrap`.
+fn run_tool(
+    program: &str,
+    args: &[&str],
+    as_postgres: bool,
+    cwd: &Path,
+    wrap: &[String],
+) -> Result<Output, String> {
     let mut cmd = if !as_postgres {
         let mut cmd = Command::new(program);
         cmd.args(args);
@@ -538,7 +569,29 @@ fn run_tool(program: &str, args: &[&str], as_postgres: bool, cwd: &Path) -> Resu
     // A cwd the postgres user can enter (ours may be root's 0700 home).
     cmd.current_dir(cwd);
     clear_pg_env(&mut cmd);
-    cmd.output().map_err(|e| format!("run {program}: {e}"))
+    wrapped(cmd, wrap)
+        .output()
+        .map_err(|e| format!("run {program}: {e}"))
+}
+
+/// `cmd` run under the command prefix `wrap` (itself if `wrap` is empty),
+/// with its directory and environment.
+fn wrapped(cmd: Command, wrap: &[String]) -> Command {
+    let Some((first, rest)) = wrap.split_first() else {
+        return cmd;
+    };
+    let mut outer = Command::new(first);
+    outer.args(rest).arg(cmd.get_program()).args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        outer.current_dir(dir);
+    }
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => outer.env(key, v),
+            None => outer.env_remove(key),
+        };
+    }
+    outer
 }
 
 /// Variables that would steer the tools to another server or data directory.
@@ -651,6 +704,7 @@ fn sweep_stale(bin: &Path, as_postgres: bool) {
                 &["stop", "-m", "immediate", "-w", "-D", &data],
                 as_postgres,
                 &root,
+                &[],
             );
         }
         let _ = fs::remove_dir_all(&root);
