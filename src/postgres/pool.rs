@@ -148,6 +148,22 @@ pub(crate) fn parse(url: &str, lease: Duration) -> Result<(Config, String), Erro
     if config.get_application_name().is_none() {
         config.application_name("turnstile");
     }
+    // The server's side of a connection whose client is gone (a host cut
+    // off) would otherwise idle on for hours with PostgreSQL's defaults,
+    // using up connections on a flapping network. It ends them, but only
+    // after the lease has run out: ending the keeper's session frees its
+    // lock, and the client is then reaped at once.
+    let idle = lease.as_secs_f64().ceil().max(1.0) as u64;
+    let server_side = format!(
+        "-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=1 \
+         -c tcp_keepalives_count=3 -c tcp_user_timeout={}",
+        (lease + Duration::from_secs(3)).as_millis()
+    );
+    let options = match config.get_options() {
+        Some(own) if !own.is_empty() => format!("{own} {server_side}"),
+        _ => server_side,
+    };
+    config.options(&options);
     let target = describe(&config);
     Ok((config, target))
 }
