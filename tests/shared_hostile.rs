@@ -409,7 +409,7 @@ fn names_and_limits_are_kept_verbatim_or_refused() {
             let info = l.try_limit(name).unwrap().unwrap();
             assert_eq!(info.name, name);
             assert_eq!(info.active_slots, 2, "{name}");
-            drop(g);
+            g.release(); // waits for the server, unlike a drop
         }
         // All at once, all or nothing.
         let all = l
