@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod pg;
+#[cfg(feature = "postgres")]
+pub mod kids;
 
 use std::sync::mpsc;
 use std::thread;

@@ -1,0 +1,594 @@
+//! Shared limits survive crashes (issue 11, items 2 and 3), on throwaway
+//! PostgreSQL clusters with real processes (this test binary re-executing
+//! itself as children):
+//!
+//! * **crash loop**: 4 processes of mixed traffic (several names, weights
+//!   1–3, blocking with timeouts, `try_acquire`, async acquisitions
+//!   cancelled while queued, rate limits), one SIGKILLed at a random moment
+//!   each round and replaced. After each kill: nothing of the dead client
+//!   is left (client row, hold, ticket) within seconds; with the live
+//!   processes paused, every limit's held count is exactly the sum of the
+//!   live guards each process says it holds, and no ticket is queued; no
+//!   live waiter was stuck (each acquisition ended by its timeout, plus a
+//!   measured overshoot).
+//! * **database restarts**: `pg_ctl restart -m fast` and `-m immediate`
+//!   during traffic of all-or-nothing acquisitions on three limits: no
+//!   definition lost (even one made just before the crash), each
+//!   acquisition in flight across the crash wholly had (the client holds a
+//!   guard and the server a hold on all three limits) or wholly not
+//!   (nothing held anywhere), no hold lost or duplicated, a held slot and a
+//!   queued waiter carried across, traffic resuming, timeouts honoured.
+//!
+//! Where PostgreSQL is missing these tests say `SKIPPED` and check nothing;
+//! under `CI` they fail.
+
+#![cfg(all(feature = "postgres", feature = "cli"))]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::kids::{child_args, connect, say, stdin_lines, ChildArgs, Kid};
+use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
+use common::{eventually, seed_from_env, watchdog, Rng, WATCHDOG};
+use turnstile::{ConcurrencyGuard, Error, LimitConfig, LimitUpdate, Limiter};
+
+/// The limits of the crash loop, with their capacities.
+const CHURN_LIMITS: [(&str, u32); 4] = [("a", 4), ("b", 3), ("c", 3), ("d", 2)];
+/// Worker threads per churning child (the last one async).
+const CHURN_WORKERS: usize = 4;
+/// The longest timeout a churning child gives an acquisition.
+const CHURN_LONGEST_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Where the workers of a churning child stop when the parent asks (so that
+/// what they hold can be compared with the server's books).
+#[derive(Default)]
+struct Gate {
+    /// (paused, workers parked)
+    state: Mutex<(bool, usize)>,
+    moved: Condvar,
+}
+
+impl Gate {
+    fn checkpoint(&self) {
+        let mut s = self.state.lock().unwrap();
+        if s.0 {
+            s.1 += 1;
+            self.moved.notify_all();
+            while s.0 {
+                s = self.moved.wait(s).unwrap();
+            }
+            s.1 -= 1;
+        }
+    }
+
+    /// Pauses every worker; false if they did not all park within `within`.
+    fn pause(&self, workers: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        while s.1 < workers {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s = self.moved.wait_timeout(s, left).unwrap().0;
+        }
+        true
+    }
+
+    fn go(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.moved.notify_all();
+    }
+}
+
+/// What a churning child counts.
+#[derive(Default)]
+struct Tally {
+    granted: AtomicU64,
+    timed_out: AtomicU64,
+    cancelled: AtomicU64,
+    rate: AtomicU64,
+    /// The longest an acquisition ran past its timeout, in microseconds.
+    worst_over_us: AtomicU64,
+    /// Slots held by live guards, per limit.
+    held: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Tally {
+    fn overran(&self, elapsed: Duration, timeout: Duration) {
+        let over = elapsed.saturating_sub(timeout).as_micros() as u64;
+        self.worst_over_us.fetch_max(over, Ordering::SeqCst);
+    }
+
+    fn hold(&self, names: &[&'static str], occupy: u32, sign: i64) {
+        let mut held = self.held.lock().unwrap();
+        for n in names {
+            let v = held.entry(n).or_insert(0);
+            *v = (*v as i64 + sign * i64::from(occupy)) as u64;
+        }
+    }
+}
+
+/// A random acquisition of the crash loop: names and weight.
+fn churn_pick(rng: &mut Rng) -> (&'static [&'static str], u32) {
+    const CHOICES: [&[&str]; 6] = [
+        &["a"],
+        &["b"],
+        &["a", "b"],
+        &["c", "a"],
+        &["d", "b", "c"],
+        &["b", "a", "d"],
+    ];
+    let names = CHOICES[rng.below(CHOICES.len() as u64) as usize];
+    let occupy = if names == ["a"] && rng.chance(30) {
+        3
+    } else {
+        1 + rng.below(2) as u32
+    };
+    (names, occupy)
+}
+
+fn churn_timeout(rng: &mut Rng) -> Duration {
+    [100, 300, CHURN_LONGEST_TIMEOUT.as_millis() as u64]
+        .map(Duration::from_millis)[rng.below(3) as usize]
+}
+
+/// A blocking worker: acquisitions with timeouts, some `try_acquire`, some
+/// rate limits; holds a few milliseconds.
+fn churn_blocking(l: Limiter, gate: Arc<Gate>, tally: Arc<Tally>, seed: u64) {
+    let mut rng = Rng::new(seed);
+    loop {
+        gate.checkpoint();
+        let (names, occupy) = churn_pick(&mut rng);
+        let roll = rng.below(10);
+        if roll == 0 {
+            let t = Duration::from_millis(200);
+            let start = Instant::now();
+            match l.rate_limit("r", 1).timeout(t).acquire() {
+                Ok(()) => tally.rate.fetch_add(1, Ordering::SeqCst),
+                Err(e) if e.is_timeout() => tally.timed_out.fetch_add(1, Ordering::SeqCst),
+                Err(e) => fail(&format!("rate_limit: {e:?}")),
+            };
+            tally.overran(start.elapsed(), t);
+            continue;
+        }
+        let got = if roll == 1 {
+            match l.concurrency(names, occupy).try_acquire() {
+                Ok(g) => g,
+                Err(e) => fail(&format!("try_acquire: {e:?}")),
+            }
+        } else {
+            let t = churn_timeout(&mut rng);
+            let start = Instant::now();
+            let got = l.concurrency(names, occupy).timeout(t).acquire();
+            tally.overran(start.elapsed(), t);
+            match got {
+                Ok(g) => Some(g),
+                Err(e) if e.is_timeout() => {
+                    tally.timed_out.fetch_add(1, Ordering::SeqCst);
+                    None
+                }
+                Err(e) => fail(&format!("acquire {names:?} x{occupy}: {e:?}")),
+            }
+        };
+        if let Some(g) = got {
+            churn_hold(g, names, occupy, &gate, &tally, &mut rng);
+        }
+    }
+}
+
+/// Holds `g` a little (parking there if the parent pauses), then gives it
+/// back, by `release` or by drop.
+fn churn_hold(
+    g: ConcurrencyGuard,
+    names: &'static [&'static str],
+    occupy: u32,
+    gate: &Gate,
+    tally: &Tally,
+    rng: &mut Rng,
+) {
+    tally.granted.fetch_add(1, Ordering::SeqCst);
+    tally.hold(names, occupy, 1);
+    gate.checkpoint();
+    thread::sleep(Duration::from_micros(rng.below(3000)));
+    tally.hold(names, occupy, -1);
+    if rng.chance(50) {
+        g.release();
+    } else {
+        drop(g);
+    }
+}
+
+/// The async worker: acquisitions with the engine's timeout, and others
+/// cancelled from outside (their future dropped, queued or not).
+fn churn_async(l: Limiter, gate: Arc<Gate>, tally: Arc<Tally>, seed: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let mut rng = Rng::new(seed);
+    rt.block_on(async move {
+        loop {
+            gate.checkpoint();
+            let (names, occupy) = churn_pick(&mut rng);
+            let start = Instant::now();
+            let got = if rng.chance(50) {
+                let t = churn_timeout(&mut rng);
+                let got = l.concurrency(names, occupy).timeout(t).await;
+                tally.overran(start.elapsed(), t);
+                match got {
+                    Ok(g) => Some(g),
+                    Err(e) if e.is_timeout() => {
+                        tally.timed_out.fetch_add(1, Ordering::SeqCst);
+                        None
+                    }
+                    Err(e) => fail(&format!("async {names:?} x{occupy}: {e:?}")),
+                }
+            } else {
+                let t = Duration::from_micros(200 + rng.below(5000));
+                let fut = l.concurrency(names, occupy).into_future();
+                match tokio::time::timeout(t, fut).await {
+                    Ok(Ok(g)) => Some(g),
+                    Ok(Err(e)) => fail(&format!("async {names:?} x{occupy}: {e:?}")),
+                    Err(_) => {
+                        tally.cancelled.fetch_add(1, Ordering::SeqCst);
+                        None
+                    }
+                }
+            };
+            if let Some(g) = got {
+                churn_hold(g, names, occupy, &gate, &tally, &mut rng);
+            }
+        }
+    });
+}
+
+/// A child's unexpected error: said, and the child ends with a failure.
+fn fail(what: &str) -> ! {
+    say(&format!("FAILED {what}"));
+    std::process::exit(3);
+}
+
+/// The children's side: what each role does.
+#[test]
+fn child() {
+    let Some(ChildArgs { role, url, ns, .. }) = child_args() else {
+        return; // only ever run as a child
+    };
+    match role.as_str() {
+        // Mixed traffic until killed; on "PAUSE" its workers stop (keeping
+        // what they hold) and it says what it holds; "GO" goes on.
+        "churn" => {
+            let l = connect(&url, &ns, Duration::from_secs(30));
+            let gate = Arc::new(Gate::default());
+            let tally = Arc::new(Tally::default());
+            let seed = u64::from(std::process::id()) ^ common::clock_seed();
+            for w in 0..CHURN_WORKERS {
+                let (l, gate, tally) = (l.clone(), gate.clone(), tally.clone());
+                let seed = seed.wrapping_add(w as u64);
+                if w + 1 == CHURN_WORKERS {
+                    thread::spawn(move || churn_async(l, gate, tally, seed));
+                } else {
+                    thread::spawn(move || churn_blocking(l, gate, tally, seed));
+                }
+            }
+            let commands = stdin_lines();
+            say("READY");
+            for line in commands {
+                match line.as_str() {
+                    "PAUSE" => {
+                        // A worker parks at its next step: within its
+                        // timeout, unless it is stuck.
+                        let limit = CHURN_LONGEST_TIMEOUT + Duration::from_secs(20);
+                        if !gate.pause(CHURN_WORKERS, limit) {
+                            fail(&format!("a worker did not stop within {limit:?}: stuck"));
+                        }
+                        l.flush().unwrap();
+                        let held = tally.held.lock().unwrap().clone();
+                        let held: Vec<String> = CHURN_LIMITS
+                            .iter()
+                            .map(|(n, _)| held.get(n).copied().unwrap_or(0).to_string())
+                            .collect();
+                        say(&format!(
+                            "PAUSED {} {} {} {} {} {}",
+                            held.join(","),
+                            tally.granted.load(Ordering::SeqCst),
+                            tally.timed_out.load(Ordering::SeqCst),
+                            tally.cancelled.load(Ordering::SeqCst),
+                            tally.rate.load(Ordering::SeqCst),
+                            tally.worst_over_us.load(Ordering::SeqCst),
+                        ));
+                    }
+                    "GO" => gate.go(),
+                    other => fail(&format!("unknown command {other}")),
+                }
+            }
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+/// What a paused churning child said.
+#[derive(Debug, Default, Clone)]
+struct Report {
+    held: Vec<i64>,
+    granted: u64,
+    timed_out: u64,
+    cancelled: u64,
+    rate: u64,
+    worst_over: Duration,
+}
+
+fn pause(kid: &mut Kid) -> Report {
+    kid.tell("PAUSE");
+    let line = kid.expect("PAUSED", CHURN_LONGEST_TIMEOUT + Duration::from_secs(30));
+    let parts: Vec<&str> = line.split(' ').collect();
+    let n = |i: usize| parts[i].parse::<u64>().unwrap();
+    Report {
+        held: parts[1].split(',').map(|v| v.parse().unwrap()).collect(),
+        granted: n(2),
+        timed_out: n(3),
+        cancelled: n(4),
+        rate: n(5),
+        worst_over: Duration::from_micros(n(6)),
+    }
+}
+
+/// The namespace's lock key, as the server's functions have it spliced in.
+fn namespace_key(db: &mut postgres::Client, ns: &str) -> i32 {
+    let def: String = db
+        .query_one(
+            "SELECT pg_get_functiondef(p.oid) FROM pg_proc p \
+              JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = 'reap'",
+            &[&ns],
+        )
+        .unwrap()
+        .get(0);
+    let at = def
+        .find("pg_advisory_xact_lock(")
+        .expect("the reap function locks")
+        + 22;
+    def[at..].split(',').next().unwrap().trim().parse().unwrap()
+}
+
+/// Limits whose held count is not the sum of their live holds, looked at
+/// under the namespace's lock (so that no call is half-way).
+fn mismatched_held(db: &mut postgres::Client, ns: &str, key: i32) -> Vec<(String, i64, i64)> {
+    db.query(
+        &format!(
+            "SELECT l.name, l.held, coalesce((SELECT sum(h.occupy) FROM {ns}.holds h, \
+                    unnest(h.names, h.incarnations) AS hl(name, inc) \
+                    WHERE hl.name = l.name AND hl.inc = l.incarnation), 0)::int8 \
+               FROM (SELECT pg_advisory_xact_lock({key}, 0)) lock, {ns}.limits l"
+        ),
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get::<_, String>(0), r.get(1), r.get(2)))
+    .filter(|(_, held, sum)| held != sum)
+    .collect()
+}
+
+fn count(db: &mut postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).unwrap().get(0)
+}
+
+fn client_id(db: &mut postgres::Client, ns: &str, pid: u32) -> i64 {
+    let sql = format!("SELECT id FROM {ns}.clients WHERE pid = $1");
+    let mut id = None;
+    let found = eventually(Duration::from_secs(10), || {
+        id = db
+            .query_opt(&sql, &[&(pid as i32)])
+            .unwrap()
+            .map(|r| r.get(0));
+        id.is_some()
+    });
+    assert!(found, "no client row for process {pid}");
+    id.unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() - 1) * p / 100]
+}
+
+/// Issue 11's crash loop (item 2). `TURNSTILE_PG_CRASH_ROUNDS` sets the
+/// rounds (20), `TURNSTILE_PG_CRASH_SEED` repeats a run.
+#[test]
+fn killed_processes_leave_nothing_behind() {
+    watchdog(WATCHDOG * 20, || {
+        let ns = "crash_loop";
+        let Some(cluster) = shared_cluster_or_skip("crash_loop") else {
+            return;
+        };
+        let url = cluster.url();
+        let l = connect(&url, ns, Duration::from_secs(30));
+        for (name, cap) in CHURN_LIMITS {
+            l.create_limit(name, LimitConfig::new(cap)).unwrap();
+        }
+        l.create_limit("r", LimitConfig::new(5).slot_decay_per_second(100.0))
+            .unwrap();
+        let rounds: u32 = std::env::var("TURNSTILE_PG_CRASH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let seed = seed_from_env("TURNSTILE_PG_CRASH_SEED");
+        println!("crash loop: seed {seed} (TURNSTILE_PG_CRASH_SEED repeats it)");
+        let mut rng = Rng::new(seed);
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let key = namespace_key(&mut db, ns);
+        let spawn = || {
+            let kid = Kid::spawn("churn", &url, ns, "");
+            kid.expect("READY", Duration::from_secs(60));
+            kid
+        };
+        let mut kids: Vec<Kid> = (0..4).map(|_| spawn()).collect();
+        // What each child said at the last pause (by pid), for progress.
+        let mut last: BTreeMap<u32, Report> = BTreeMap::new();
+        let mut cleaned = Vec::new();
+        let (mut over_2s, mut worst_over, mut pauses) = (0, Duration::ZERO, Vec::new());
+        let mut totals = Report::default();
+        for round in 0..rounds {
+            thread::sleep(Duration::from_millis(300 + rng.below(900)));
+            let victim = rng.below(kids.len() as u64) as usize;
+            let pid = kids[victim].pid();
+            let id = client_id(&mut db, ns, pid);
+            kids[victim].kill_now();
+            let killed = Instant::now();
+            // Nothing of the dead client left: no client row, hold, ticket.
+            let leftovers = format!(
+                "SELECT (SELECT count(*) FROM {ns}.clients WHERE id = {id}) \
+                      + (SELECT count(*) FROM {ns}.holds WHERE client = {id}) \
+                      + (SELECT count(*) FROM {ns}.waiters WHERE client = {id}) \
+                      + (SELECT count(*) FROM {ns}.waiter_limits wl WHERE NOT EXISTS \
+                           (SELECT 1 FROM {ns}.waiters w WHERE w.ticket = wl.ticket))"
+            );
+            let clean = eventually(Duration::from_secs(10), || {
+                count(&mut db, &leftovers) == 0
+            });
+            let took = killed.elapsed();
+            assert!(
+                clean,
+                "round {round}: the killed process {pid} (client {id}) left {} rows after {took:?}",
+                count(&mut db, &leftovers)
+            );
+            if took > Duration::from_secs(2) {
+                over_2s += 1;
+            }
+            cleaned.push(took);
+            // Pause the living: each parks within its timeout (no waiter is
+            // stuck) and says what its live guards hold.
+            let paused_at = Instant::now();
+            let mut reports = Vec::new();
+            for (i, kid) in kids.iter_mut().enumerate() {
+                if i != victim {
+                    reports.push((kid.pid(), pause(kid)));
+                }
+            }
+            pauses.push(paused_at.elapsed());
+            // The server's books, per living client and per limit, against
+            // what the clients hold.
+            let per_client = format!(
+                "SELECT c.pid, hl.name, sum(h.occupy)::int8 \
+                   FROM {ns}.holds h JOIN {ns}.clients c ON c.id = h.client, \
+                        unnest(h.names) AS hl(name) GROUP BY 1, 2"
+            );
+            let mut books = BTreeMap::new();
+            let agree = eventually(Duration::from_secs(10), || {
+                books = db
+                    .query(&per_client, &[])
+                    .unwrap()
+                    .iter()
+                    .map(|r| ((r.get::<_, i32>(0) as u32, r.get::<_, String>(1)), r.get(2)))
+                    .collect::<BTreeMap<(u32, String), i64>>();
+                reports.iter().all(|(pid, rep)| {
+                    CHURN_LIMITS.iter().zip(&rep.held).all(|((name, _), held)| {
+                        books.get(&(*pid, name.to_string())).copied().unwrap_or(0) == *held
+                    })
+                }) && books
+                    .keys()
+                    .all(|(pid, _)| reports.iter().any(|(p, _)| p == pid))
+            });
+            assert!(
+                agree,
+                "round {round}: the server's holds {books:?} are not the live guards {reports:?}"
+            );
+            let wrong = mismatched_held(&mut db, ns, key);
+            assert!(wrong.is_empty(), "round {round}: held is not the holds' sum: {wrong:?}");
+            for (name, _) in CHURN_LIMITS {
+                let live: i64 = reports
+                    .iter()
+                    .map(|(_, r)| r.held[CHURN_LIMITS.iter().position(|(n, _)| *n == name).unwrap()])
+                    .sum();
+                let info = l.limit(name).unwrap();
+                assert_eq!(i64::from(info.held_slots), live, "round {round}: {info:?}");
+            }
+            // Nobody waits while everyone is paused: no ticket is left.
+            let queued = format!("SELECT count(*) FROM {ns}.waiters");
+            assert!(
+                eventually(Duration::from_secs(10), || count(&mut db, &queued) == 0),
+                "round {round}: tickets left while every client is paused: {}",
+                count(&mut db, &queued)
+            );
+            // Every living child made progress since it last paused, and no
+            // acquisition overran its timeout by much.
+            for (pid, rep) in &reports {
+                worst_over = worst_over.max(rep.worst_over);
+                if let Some(before) = last.get(pid) {
+                    assert!(
+                        rep.granted + rep.timed_out + rep.cancelled + rep.rate
+                            > before.granted + before.timed_out + before.cancelled + before.rate,
+                        "round {round}: process {pid} made no progress: {before:?} then {rep:?}"
+                    );
+                }
+            }
+            let dead = last.remove(&pid).unwrap_or_default();
+            for t in [&mut totals] {
+                t.granted += dead.granted;
+                t.timed_out += dead.timed_out;
+                t.cancelled += dead.cancelled;
+                t.rate += dead.rate;
+            }
+            last.extend(reports.iter().cloned());
+            kids[victim] = spawn();
+            for (i, kid) in kids.iter_mut().enumerate() {
+                if i != victim {
+                    kid.tell("GO");
+                }
+            }
+        }
+        for kid in &mut kids {
+            let rep = pause(kid);
+            worst_over = worst_over.max(rep.worst_over);
+            totals.granted += rep.granted;
+            totals.timed_out += rep.timed_out;
+            totals.cancelled += rep.cancelled;
+            totals.rate += rep.rate;
+        }
+        for kid in &mut kids {
+            kid.kill_now();
+        }
+        drop(kids);
+        assert!(eventually(Duration::from_secs(10), || CHURN_LIMITS
+            .iter()
+            .all(|(n, _)| l
+                .limit(n)
+                .is_some_and(|i| i.held_slots == 0 && i.waiters == 0))));
+        cleaned.sort();
+        pauses.sort();
+        println!(
+            "crash loop: {rounds} SIGKILLs of 4 processes x {CHURN_WORKERS} workers; \
+             {} acquisitions granted (at least; the killed ones' last counts lost), {} timed out, \
+             {} cancelled async, {} rate-limit slots",
+            totals.granted, totals.timed_out, totals.cancelled, totals.rate
+        );
+        println!(
+            "crash loop: a dead client's rows gone after {:?} (median), {:?} (worst); {over_2s} of {rounds} over 2 s",
+            percentile(&cleaned, 50),
+            percentile(&cleaned, 100)
+        );
+        println!(
+            "crash loop: every live worker stopped within {:?} (median), {:?} (worst) of being asked",
+            percentile(&pauses, 50),
+            percentile(&pauses, 100)
+        );
+        println!("crash loop: worst overshoot of an acquisition's timeout {worst_over:?}");
+        assert!(
+            percentile(&cleaned, 100) < Duration::from_secs(5),
+            "a dead client's rows took {:?}",
+            percentile(&cleaned, 100)
+        );
+        assert!(
+            worst_over < Duration::from_secs(5),
+            "an acquisition overran its timeout by {worst_over:?}"
+        );
+    });
+}
