@@ -12,10 +12,11 @@ use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use postgres::types::Type;
+use tokio_postgres::types::Type;
 
+use super::conn::Client;
 use super::wait::How;
-use super::{transient, HoldEntry, Inner, Job, Outcome, Remote};
+use super::{HoldEntry, Inner, Job, Outcome, Remote};
 use crate::config::validate_name;
 use crate::sync::timer::{timer, TimerKey};
 use crate::Error;
@@ -113,7 +114,7 @@ impl Inner {
             .sql("SELECT * FROM __NS__.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9)");
         let occupy = i32::try_from(ask.occupy).unwrap_or(i32::MAX);
         let max_retries = ask.max_retries();
-        let call = |c: &mut postgres::Client| {
+        let call = |c: &mut Client| {
             self.outcome(
                 c,
                 &sql,
@@ -130,14 +131,14 @@ impl Inner {
                 ],
             )
         };
-        let out = match self.pool.with(call) {
+        let out = match self.pool.with(deadline, call) {
             Ok(out) => out,
-            Err(e) if !transient(&e) => return First::Done(Err(self.db_error(e, &ask.joined()))),
+            Err(f) if !f.transient() => return First::Done(Err(self.failure(f, &ask.joined()))),
             // The reply may be lost while the call committed: undone in
             // the background once the database answers.
-            Err(e) if at_once => {
+            Err(f) if at_once => {
                 self.send(Job::Abandon { client, req });
-                return First::Done(Err(self.db_error(e, &ask.joined())));
+                return First::Done(Err(self.failure(f, &ask.joined())));
             }
             // The reply was lost: find out whether the call committed.
             Err(_) => match self.find(client, req, deadline) {
@@ -164,21 +165,17 @@ impl Inner {
     fn patiently(
         &self,
         deadline: Option<Instant>,
-        mut f: impl FnMut(&mut postgres::Client) -> Result<Outcome, postgres::Error>,
+        mut f: impl FnMut(&mut Client) -> Result<Outcome, tokio_postgres::Error>,
     ) -> Option<Outcome> {
         let mut pause = Duration::from_millis(20);
         loop {
-            match self.pool.with(&mut f) {
+            match self.pool.with(deadline, &mut f) {
                 Ok(out) => return Some(out),
-                Err(e) if !transient(&e) => {
+                Err(f) if !f.transient() => {
                     return Some(Outcome {
                         outcome: "failed".into(),
                         id: 0,
-                        err: Some(
-                            e.as_db_error()
-                                .map(|d| d.message().to_string())
-                                .unwrap_or_else(|| e.to_string()),
-                        ),
+                        err: Some(f.message()),
                         err_name: None,
                         err_a: None,
                         err_b: None,

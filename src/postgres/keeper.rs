@@ -19,10 +19,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::Client;
 
-use super::{transient, Inner, Job};
+use super::conn::Client;
+use super::{Inner, Job};
 use crate::Error;
 
 /// The client's registration, as the keeper maintains it.
@@ -69,7 +68,7 @@ fn renew_every(lease: Duration) -> Duration {
 fn keep(inner: &Inner) {
     let mut pause = Duration::from_millis(20);
     while !inner.stop.load(Ordering::SeqCst) {
-        match inner.pool.connect() {
+        match inner.pool.connect_keeper() {
             Ok(mut conn) => {
                 pause = Duration::from_millis(20);
                 match session(inner, &mut conn) {
@@ -94,7 +93,7 @@ fn keep(inner: &Inner) {
     let id = inner.session.lock().id;
     if id != 0 {
         let sql = inner.ns.sql("SELECT __NS__.unregister($1)");
-        let _ = inner.pool.with(|c| c.execute(&sql, &[&id]));
+        let _ = inner.pool.with(None, |c| c.execute(&sql, &[&id]));
     }
     inner.waits.wake_all();
     inner.session_changed.notify_all();
@@ -124,7 +123,7 @@ fn expire_if_due(inner: &Inner) {
 
 /// Runs one session connection until it breaks (`Err`) or the limiter
 /// stops (`Ok`).
-fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
+fn session(inner: &Inner, conn: &mut Client) -> Result<(), tokio_postgres::Error> {
     let key = inner.ns.key;
     conn.batch_execute(&format!("LISTEN {}", inner.ns.channel()))?;
     let existing = inner.session.lock().id;
@@ -162,22 +161,12 @@ fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
         let wait = next_renewal
             .saturating_duration_since(Instant::now())
             .min(SLICE);
-        {
-            // The iterator's timeout restarts with every notification: under
-            // steady traffic it would never end, and the lease would never
-            // be renewed nor the dead reaped. The slice ends on time.
-            let slice_end = Instant::now() + wait;
-            let mut notes = conn.notifications();
-            let mut iter = notes.timeout_iter(wait);
-            while let Some(note) = iter.next()? {
-                dispatch(inner, note.payload());
-                if Instant::now() >= slice_end {
-                    break;
-                }
-            }
-        }
-        if conn.is_closed() {
-            return Err(closed_error(conn));
+        // The slice ends on time however many notifications come, so that
+        // under steady traffic the lease is still renewed and the dead
+        // reaped.
+        let slice_end = Instant::now() + wait;
+        while let Some(note) = conn.notification(slice_end)? {
+            dispatch(inner, note.payload());
         }
         if Instant::now() >= next_renewal {
             renew(inner, conn)?;
@@ -190,7 +179,7 @@ fn session(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
 /// still hold it (this side noticed the break first, the server has not
 /// yet): it is ended, as this client's own. `false` if the limiter stops
 /// meanwhile. The lease keeps running out while this waits.
-fn relock(inner: &Inner, conn: &mut Client, id: i64) -> Result<bool, postgres::Error> {
+fn relock(inner: &Inner, conn: &mut Client, id: i64) -> Result<bool, tokio_postgres::Error> {
     let key = inner.ns.key;
     loop {
         let got: bool = conn
@@ -217,24 +206,9 @@ fn relock(inner: &Inner, conn: &mut Client, id: i64) -> Result<bool, postgres::E
     }
 }
 
-/// An error for a connection found closed (the crate reports a closed
-/// connection to a waiting iterator as the end of it).
-fn closed_error(conn: &mut Client) -> postgres::Error {
-    match conn.simple_query("") {
-        Err(e) => e,
-        Ok(_) => unreachable_closed(),
-    }
-}
-
-#[cold]
-fn unreachable_closed() -> postgres::Error {
-    // A closed client fails every query; this is never reached.
-    panic!("a closed connection answered a query")
-}
-
 /// Registers a new client: its lock first (so that nobody takes it for dead
 /// in between), then its row.
-fn register(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
+fn register(inner: &Inner, conn: &mut Client) -> Result<(), tokio_postgres::Error> {
     let key = inner.ns.key;
     let id: i64 = conn
         .query_one(&inner.ns.sql("SELECT nextval('__NS__.client_ids')"), &[])?
@@ -265,7 +239,7 @@ fn register(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
 }
 
 /// Renews the lease and reaps dead clients.
-fn renew(inner: &Inner, conn: &mut Client) -> Result<(), postgres::Error> {
+fn renew(inner: &Inner, conn: &mut Client) -> Result<(), tokio_postgres::Error> {
     let id = inner.session.lock().id;
     if id == 0 {
         return Ok(());
@@ -369,21 +343,24 @@ fn release_loop(inner: &Inner, jobs: &Receiver<Job>) {
         let deadline = Instant::now() + inner.lease;
         let mut pause = Duration::from_millis(20);
         loop {
-            match inner.pool.with(|c| inner.outcome_of(c, &sql, client, id)) {
+            match inner
+                .pool
+                .with(Some(deadline), |c| inner.outcome_of(c, &sql, client, id))
+            {
                 Ok(out) => {
                     // A withdrawal that met a grant gives the grant back.
                     if withdraw && out.outcome == "taken" && out.id != 0 {
                         let release = inner.ns.sql("SELECT * FROM __NS__.release($1, $2)");
                         let hold = out.id;
-                        let _ = inner
-                            .pool
-                            .with(|c| inner.outcome_of(c, &release, client, hold));
+                        let _ = inner.pool.with(Some(deadline), |c| {
+                            inner.outcome_of(c, &release, client, hold)
+                        });
                     }
                     break;
                 }
                 // Stopping: the keeper's unregister gives everything back.
-                Err(e)
-                    if transient(&e)
+                Err(f)
+                    if f.transient()
                         && Instant::now() < deadline
                         && !inner.stop.load(Ordering::SeqCst) =>
                 {

@@ -22,6 +22,7 @@
 //! directly, or through a session-pooling proxy.
 
 pub(crate) mod acquire;
+mod conn;
 pub(crate) mod guard;
 mod keeper;
 mod pool;
@@ -37,17 +38,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
-use postgres::error::SqlState;
-use postgres::types::Type;
-use postgres::Row;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
 
 use crate::backend::Manage;
 use crate::config::{validate_name, LimitConfig, LimitInfo, LimitUpdate};
 use crate::event::{Event, Observer};
 use crate::Error;
 
+use conn::Client;
 pub(crate) use keeper::Session;
-use pool::Pool;
+use pool::{Failure, Pool};
 pub(crate) use schema::{Missing, Namespace};
 pub(crate) use wait::Waits;
 
@@ -187,7 +189,7 @@ impl Remote {
         let (pool, target) = Pool::new(&settings.url, settings.lease, MAX_CONNECTIONS - 1)?;
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         pool.with_retry(deadline, |client| {
-            schema::migrate(client, &ns, settings.missing).map_err(pool::Failure::from_migrate)
+            schema::migrate(client, &ns, settings.missing).map_err(Failure::from_migrate)
         })
         .map_err(|f| f.into_error(&target, &ns))?;
         let (releases, jobs) = crossbeam_channel::unbounded();
@@ -245,12 +247,12 @@ impl fmt::Debug for Remote {
 impl Inner {
     /// An `Error::Storage` naming the database and namespace (never the
     /// password).
-    pub fn storage(&self, message: &str, source: Option<postgres::Error>) -> Error {
+    pub fn storage(&self, message: &str, source: Option<tokio_postgres::Error>) -> Error {
         storage_error(&self.target, &self.ns, message, source)
     }
 
     /// A database error in the library's terms.
-    pub fn db_error(&self, e: postgres::Error, name: &str) -> Error {
+    pub fn db_error(&self, e: tokio_postgres::Error, name: &str) -> Error {
         match e.code() {
             Some(code) if code.code() == "TS404" => Error::NotFound {
                 name: name.to_string(),
@@ -303,9 +305,17 @@ impl Inner {
     fn call<T>(
         &self,
         name: &str,
-        f: impl FnMut(&mut postgres::Client) -> Result<T, postgres::Error>,
+        f: impl FnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
-        self.pool.with(f).map_err(|e| self.db_error(e, name))
+        self.pool.with(None, f).map_err(|f| self.failure(f, name))
+    }
+
+    /// A failed pool call in the library's terms.
+    pub fn failure(&self, f: Failure, name: &str) -> Error {
+        match f {
+            Failure::Db(e) => self.db_error(e, name),
+            other => other.into_error(&self.target, &self.ns),
+        }
     }
 
     /// Calls one of the schema's functions returning an `outcome`, with its
@@ -313,10 +323,10 @@ impl Inner {
     /// statement to prepare first).
     pub fn outcome(
         &self,
-        client: &mut postgres::Client,
+        client: &mut Client,
         sql: &str,
-        params: &[(&(dyn postgres::types::ToSql + Sync), Type)],
-    ) -> Result<Outcome, postgres::Error> {
+        params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)],
+    ) -> Result<Outcome, tokio_postgres::Error> {
         let row = client.query_typed_one(sql, params)?;
         Ok(Outcome::from_row(&row))
     }
@@ -324,11 +334,11 @@ impl Inner {
     /// [`Inner::outcome`] of a function of a client and one of its ids.
     pub fn outcome_of(
         &self,
-        client: &mut postgres::Client,
+        client: &mut Client,
         sql: &str,
         who: i64,
         id: i64,
-    ) -> Result<Outcome, postgres::Error> {
+    ) -> Result<Outcome, tokio_postgres::Error> {
         self.outcome(client, sql, &[(&who, Type::INT8), (&id, Type::INT8)])
     }
 
@@ -474,7 +484,7 @@ pub(crate) fn storage_error(
     target: &str,
     ns: &Namespace,
     message: &str,
-    source: Option<postgres::Error>,
+    source: Option<tokio_postgres::Error>,
 ) -> Error {
     Error::Storage {
         path: format!("{target} (namespace {})", ns.name),
@@ -486,7 +496,7 @@ pub(crate) fn storage_error(
 /// Whether a database error is worth retrying on another connection after
 /// a pause (the connection or the server went away, or PostgreSQL asked
 /// for a retry), rather than reported.
-pub(crate) fn transient(e: &postgres::Error) -> bool {
+pub(crate) fn transient(e: &tokio_postgres::Error) -> bool {
     if e.is_closed() || e.as_db_error().is_none() {
         return true;
     }

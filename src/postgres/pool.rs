@@ -6,16 +6,24 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use postgres::config::Host;
-use postgres::{Client, Config, NoTls};
+use tokio_postgres::config::Host;
+use tokio_postgres::Config;
 
+use super::conn::{Client, ConnectError};
 use super::schema::{MigrateError, Namespace};
 use super::{storage_error, transient};
 use crate::Error;
 
+/// How long a call may take when its caller has no deadline of its own,
+/// and how long a connection's start-up may take.
+pub(crate) const CALL_BUDGET: Duration = Duration::from_secs(10);
+
 pub(crate) struct Pool {
     config: Config,
     max: usize,
+    /// The keeper's calls' budget: a renewal that takes half the lease is
+    /// as good as lost.
+    keeper_budget: Duration,
     state: Mutex<State>,
     freed: Condvar,
 }
@@ -28,10 +36,12 @@ struct State {
 
 /// Why a pooled call failed.
 pub(crate) enum Failure {
-    Db(postgres::Error),
+    Db(tokio_postgres::Error),
     Refused(String),
-    /// No answer by the deadline.
-    TimedOut,
+    /// Connected, but the server did not finish the start-up in time.
+    NoStartup,
+    /// No answer within this long.
+    TimedOut(Duration),
 }
 
 impl Failure {
@@ -43,21 +53,50 @@ impl Failure {
     }
 
     pub fn into_error(self, target: &str, ns: &Namespace) -> Error {
+        let message = self.message();
         match self {
-            Failure::Db(e) => {
-                let message = e
-                    .as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string());
-                storage_error(target, ns, &message, Some(e))
-            }
-            Failure::Refused(m) => storage_error(target, ns, &m, None),
-            Failure::TimedOut => storage_error(
-                target,
-                ns,
-                "no answer from the server within 10 s (is it PostgreSQL?)",
-                None,
+            Failure::Db(e) => storage_error(target, ns, &message, Some(e)),
+            _ => storage_error(target, ns, &message, None),
+        }
+    }
+
+    /// Whether trying again, on another connection after a pause, may
+    /// succeed: the connection or the server went away, a call ran out of
+    /// time (it may have been done all the same), or PostgreSQL asked for a
+    /// retry.
+    pub fn transient(&self) -> bool {
+        match self {
+            Failure::Db(e) => transient(e),
+            Failure::NoStartup | Failure::TimedOut(_) => true,
+            Failure::Refused(_) => false,
+        }
+    }
+
+    /// What went wrong, in the server's words where it has some.
+    pub fn message(&self) -> String {
+        match self {
+            Failure::Db(e) => e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string()),
+            Failure::Refused(m) => m.clone(),
+            Failure::NoStartup => format!(
+                "the server accepted the connection but did not start a session \
+                 within {} s (is it PostgreSQL?)",
+                CALL_BUDGET.as_secs()
             ),
+            Failure::TimedOut(d) => format!(
+                "no answer from the server within {:.1} s (connection closed)",
+                d.as_secs_f64()
+            ),
+        }
+    }
+
+    fn from_connect(e: ConnectError) -> Failure {
+        match e {
+            ConnectError::Db(e) => Failure::Db(e),
+            ConnectError::TimedOut => Failure::NoStartup,
+            ConnectError::Runtime(e) => Failure::Refused(format!("cannot start a runtime: {e}")),
         }
     }
 }
@@ -129,38 +168,23 @@ impl Pool {
         let pool = Pool {
             config,
             max,
+            keeper_budget: (lease / 2).max(Duration::from_secs(1)),
             state: Mutex::new(State::default()),
             freed: Condvar::new(),
         };
         Ok((pool, target))
     }
 
-    /// Opens a new connection with this pool's configuration (the keeper's
-    /// session too).
-    pub fn connect(&self) -> Result<Client, postgres::Error> {
-        self.config.connect(NoTls)
+    /// Opens the keeper's session connection.
+    pub fn connect_keeper(&self) -> Result<Client, Failure> {
+        let deadline = Instant::now() + CALL_BUDGET;
+        Client::connect(&self.config, deadline, self.keeper_budget).map_err(Failure::from_connect)
     }
 
-    /// Opens a connection, giving up at `deadline` even if the server
-    /// accepts and never answers (the client's connect timeout covers only
-    /// the socket): the attempt runs on a thread of its own, left to end
-    /// when the server or the operating system gives up.
-    fn connect_within(&self, deadline: Instant) -> Result<Client, Failure> {
-        let config = self.config.clone();
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::Builder::new()
-            .name("turnstile-pg-connect".into())
-            .spawn(move || {
-                let _ = tx.send(config.connect(NoTls));
-            })
-            .map_err(|e| Failure::Refused(format!("cannot start a thread: {e}")))?;
-        match rx.recv_deadline(deadline) {
-            Ok(result) => result.map_err(Failure::Db),
-            Err(_) => Err(Failure::TimedOut),
-        }
-    }
-
-    fn take(&self) -> Result<Client, postgres::Error> {
+    /// An idle connection, or a new one while fewer than the bound are
+    /// open (given up at `until`, or after the budget), or the next one
+    /// given back.
+    fn take(&self, until: Option<Instant>) -> Result<Client, Failure> {
         let mut state = self.state.lock();
         loop {
             if let Some(client) = state.idle.pop() {
@@ -173,18 +197,28 @@ impl Pool {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return self.connect().inspect_err(|_| {
+                let budget = Instant::now() + CALL_BUDGET;
+                let deadline = until.map_or(budget, |u| u.min(budget));
+                return Client::connect(&self.config, deadline, CALL_BUDGET).map_err(|e| {
                     self.state.lock().open -= 1;
                     self.freed.notify_one();
+                    Failure::from_connect(e)
                 });
             }
-            self.freed.wait(&mut state);
+            match until {
+                Some(u) => {
+                    if self.freed.wait_until(&mut state, u).timed_out() && state.idle.is_empty() {
+                        return Err(Failure::TimedOut(Duration::ZERO));
+                    }
+                }
+                None => self.freed.wait(&mut state),
+            }
         }
     }
 
-    fn give(&self, client: Client, broken: bool) {
+    fn give(&self, client: Client) {
         let mut state = self.state.lock();
-        if broken || client.is_closed() {
+        if client.is_closed() {
             state.open -= 1;
         } else {
             state.idle.push(client);
@@ -193,16 +227,26 @@ impl Pool {
         self.freed.notify_one();
     }
 
-    /// Runs `f` on a connection, once.
+    /// Runs `f` on a connection, once, each call ending by `until` (if
+    /// given) and within [`CALL_BUDGET`]. A call past its deadline closes
+    /// its connection and fails as on any broken connection (the server
+    /// may have done it: see [`transient`](super::transient)).
     pub fn with<T>(
         &self,
-        mut f: impl FnMut(&mut Client) -> Result<T, postgres::Error>,
-    ) -> Result<T, postgres::Error> {
-        let mut client = self.take()?;
+        until: Option<Instant>,
+        f: impl FnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Failure> {
+        let started = Instant::now();
+        let mut client = self.take(until)?;
+        client.until(until);
         let result = f(&mut client);
-        let broken = matches!(&result, Err(e) if e.is_closed() || e.as_db_error().is_none());
-        self.give(client, broken);
-        result
+        let timed_out = client.timed_out();
+        self.give(client);
+        match result {
+            Ok(v) => Ok(v),
+            Err(_) if timed_out => Err(Failure::TimedOut(started.elapsed())),
+            Err(e) => Err(Failure::Db(e)),
+        }
     }
 
     /// Runs `f` on a connection, retrying failures of the connection (the
@@ -214,35 +258,20 @@ impl Pool {
     ) -> Result<T, Failure> {
         let mut pause = Duration::from_millis(20);
         loop {
-            let idle = self.state.lock().idle.pop();
-            let client = match idle {
-                Some(client) => Ok(client),
-                None => {
-                    self.state.lock().open += 1;
-                    self.connect_within(deadline).inspect_err(|_| {
-                        self.state.lock().open -= 1;
-                    })
-                }
-            };
-            let result = match client {
-                Ok(mut client) => {
-                    let result = f(&mut client);
-                    let broken = matches!(&result, Err(Failure::Db(e)) if transient(e));
-                    self.give(client, broken);
-                    result
-                }
-                Err(e) => Err(e),
-            };
+            let result = self.take(Some(deadline)).and_then(|mut client| {
+                client.until(Some(deadline));
+                let result = f(&mut client);
+                self.give(client);
+                result
+            });
             match result {
-                Err(Failure::Db(e)) if transient(&e) => {
+                Err(f) if f.transient() => {
                     let now = Instant::now();
                     if now + pause > deadline {
-                        return Err(if now >= deadline {
-                            Failure::Db(e)
-                        } else {
+                        if now < deadline {
                             std::thread::sleep(deadline - now);
-                            Failure::Db(e)
-                        });
+                        }
+                        return Err(f);
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(1));

@@ -2,7 +2,7 @@
 //! checked before it reaches any SQL, its lock key, and its tables and
 //! functions, created and migrated forward on first connection.
 
-use postgres::Client;
+use super::conn::Client;
 
 use crate::Error;
 
@@ -100,7 +100,20 @@ pub(crate) fn migrate(
     ns: &Namespace,
     missing: Missing,
 ) -> Result<(), MigrateError> {
-    let mut tx = client.transaction()?;
+    client.batch_execute("BEGIN")?;
+    let result = migrate_in(client, ns, missing);
+    match &result {
+        Ok(()) => client.batch_execute("COMMIT")?,
+        // A broken connection is not given back to the pool.
+        Err(_) => {
+            let _ = client.batch_execute("ROLLBACK");
+        }
+    }
+    result
+}
+
+/// [`migrate`]'s work, inside its transaction.
+fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), MigrateError> {
     tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&ns.key])?;
     let exists = tx
         .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&ns.name])?
@@ -117,7 +130,6 @@ pub(crate) fn migrate(
         )?;
         tx.batch_execute(&ns.sql(V1))?;
         tx.execute(&ns.sql("INSERT INTO __NS__.meta VALUES ($1)"), &[&VERSION])?;
-        tx.commit()?;
         return Ok(());
     }
     let has_meta = tx
@@ -153,12 +165,12 @@ pub(crate) fn migrate(
 /// Why a namespace could not be used.
 #[derive(Debug)]
 pub(crate) enum MigrateError {
-    Db(postgres::Error),
+    Db(tokio_postgres::Error),
     Refused(String),
 }
 
-impl From<postgres::Error> for MigrateError {
-    fn from(e: postgres::Error) -> Self {
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
         MigrateError::Db(e)
     }
 }
