@@ -136,8 +136,8 @@ fn churn_pick(rng: &mut Rng) -> (&'static [&'static str], u32) {
 }
 
 fn churn_timeout(rng: &mut Rng) -> Duration {
-    [100, 300, CHURN_LONGEST_TIMEOUT.as_millis() as u64]
-        .map(Duration::from_millis)[rng.below(3) as usize]
+    [100, 300, CHURN_LONGEST_TIMEOUT.as_millis() as u64].map(Duration::from_millis)
+        [rng.below(3) as usize]
 }
 
 /// A blocking worker: acquisitions with timeouts, some `try_acquire`, some
@@ -451,9 +451,7 @@ fn killed_processes_leave_nothing_behind() {
                       + (SELECT count(*) FROM {ns}.waiter_limits wl WHERE NOT EXISTS \
                            (SELECT 1 FROM {ns}.waiters w WHERE w.ticket = wl.ticket))"
             );
-            let clean = eventually(Duration::from_secs(10), || {
-                count(&mut db, &leftovers) == 0
-            });
+            let clean = eventually(Duration::from_secs(10), || count(&mut db, &leftovers) == 0);
             let took = killed.elapsed();
             assert!(
                 clean,
@@ -502,11 +500,16 @@ fn killed_processes_leave_nothing_behind() {
                 "round {round}: the server's holds {books:?} are not the live guards {reports:?}"
             );
             let wrong = mismatched_held(&mut db, ns, key);
-            assert!(wrong.is_empty(), "round {round}: held is not the holds' sum: {wrong:?}");
+            assert!(
+                wrong.is_empty(),
+                "round {round}: held is not the holds' sum: {wrong:?}"
+            );
             for (name, _) in CHURN_LIMITS {
                 let live: i64 = reports
                     .iter()
-                    .map(|(_, r)| r.held[CHURN_LIMITS.iter().position(|(n, _)| *n == name).unwrap()])
+                    .map(|(_, r)| {
+                        r.held[CHURN_LIMITS.iter().position(|(n, _)| *n == name).unwrap()]
+                    })
                     .sum();
                 let info = l.limit(name).unwrap();
                 assert_eq!(i64::from(info.held_slots), live, "round {round}: {info:?}");
@@ -590,5 +593,39 @@ fn killed_processes_leave_nothing_behind() {
             worst_over < Duration::from_secs(5),
             "an acquisition overran its timeout by {worst_over:?}"
         );
+    });
+}
+
+/// Regression: an acquisition awaited on a tokio runtime panicked ("Cannot
+/// start a runtime from within a runtime"): the client drives each
+/// connection with a runtime of its own, which tokio refuses to enter on a
+/// thread that runs a task. Found by the crash loop's async worker.
+#[test]
+fn an_acquisition_awaited_on_tokio_does_not_panic() {
+    watchdog(WATCHDOG, || {
+        let Some(cluster) = shared_cluster_or_skip("awaited_on_tokio") else {
+            return;
+        };
+        let l = connect(&cluster.url(), "on_tokio", Duration::from_secs(30));
+        l.create_limit("x", LimitConfig::new(1)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let g = l.concurrency("x", 1).await.expect("free");
+            let waiting = l
+                .concurrency("x", 1)
+                .timeout(Duration::from_millis(300))
+                .await;
+            assert!(waiting.unwrap_err().is_timeout());
+            drop(g);
+            let again = l.concurrency("x", 1).timeout(Duration::from_secs(10));
+            drop(again.await.expect("given back"));
+            l.rate_limit("x", 1)
+                .timeout(Duration::from_secs(1))
+                .await
+                .unwrap_err();
+        });
     });
 }

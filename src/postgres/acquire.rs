@@ -462,7 +462,9 @@ impl Future for RemoteWait {
                     return Poll::Pending;
                 }
                 let since = inner.waits.generation();
-                match inner.first(&this.ask, queue, false, start, deadline) {
+                let ask = &this.ask;
+                let first = outside_runtime(|| inner.first(ask, queue, false, start, deadline));
+                match first {
                     First::Done(done) => return this.finish(done),
                     First::Again => {
                         this.arm(now + Duration::from_millis(20), cx);
@@ -498,7 +500,8 @@ impl Future for RemoteWait {
                 let (client, ticket) = (q.client, q.ticket);
                 this.queued = None;
                 drop(inner.waits.unregister(ticket));
-                return match inner.withdraw(&this.ask, client, ticket, start) {
+                let ask = &this.ask;
+                return match outside_runtime(|| inner.withdraw(ask, client, ticket, start)) {
                     Some(First::Done(done)) => this.finish(done),
                     _ => this.finish(Err(this.ask.timed_out(start.elapsed()))),
                 };
@@ -509,7 +512,8 @@ impl Future for RemoteWait {
                     let grant = inner.granted(&this.ask, hold, client, start);
                     return this.finish(Ok(Some(grant)));
                 }
-                match inner.look(client, ticket, Some(now + Duration::from_millis(200))) {
+                let until = Some(now + Duration::from_millis(200));
+                match outside_runtime(|| inner.look(client, ticket, until)) {
                     Some(out) => match inner.judge(&this.ask, &out, client, epoch, start) {
                         First::Done(Err(e)) => {
                             // Out of its queues on the server; make sure.
@@ -544,6 +548,20 @@ impl Future for RemoteWait {
             return Poll::Pending;
         }
     }
+}
+
+/// Runs a database call made inside `poll`. The client drives each
+/// connection with a runtime of its own, and tokio refuses to enter one on a
+/// thread that runs a tokio task ("Cannot start a runtime from within a
+/// runtime"): there the call runs on a short-lived thread of its own.
+fn outside_runtime<T: Send>(call: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return call();
+    }
+    std::thread::scope(|s| match s.spawn(call).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 impl RemoteWait {
