@@ -179,17 +179,17 @@ fn churn_blocking(l: Limiter, gate: Arc<Gate>, tally: Arc<Tally>, seed: u64) {
             }
         };
         if let Some(g) = got {
-            churn_hold(g, names, occupy, &gate, &tally, &mut rng);
+            churn_hold(g, (names, occupy), true, &gate, &tally, &mut rng);
         }
     }
 }
 
 /// Holds `g` a little (parking there if the parent pauses), then gives it
-/// back, by `release` or by drop.
+/// back, by drop or (`blocking`: not on an async task) by `release`.
 fn churn_hold(
     g: ConcurrencyGuard,
-    names: &'static [&'static str],
-    occupy: u32,
+    (names, occupy): (&'static [&'static str], u32),
+    blocking: bool,
     gate: &Gate,
     tally: &Tally,
     rng: &mut Rng,
@@ -199,7 +199,7 @@ fn churn_hold(
     gate.checkpoint();
     thread::sleep(Duration::from_micros(rng.below(3000)));
     tally.hold(names, occupy, -1);
-    if rng.chance(50) {
+    if blocking && rng.chance(50) {
         g.release();
     } else {
         drop(g);
@@ -244,7 +244,7 @@ fn churn_async(l: Limiter, gate: Arc<Gate>, tally: Arc<Tally>, seed: u64) {
                 }
             };
             if let Some(g) = got {
-                churn_hold(g, names, occupy, &gate, &tally, &mut rng);
+                churn_hold(g, (names, occupy), false, &gate, &tally, &mut rng);
             }
         }
     });
@@ -326,8 +326,17 @@ struct Report {
     worst_over: Duration,
 }
 
-fn pause(kid: &mut Kid) -> Report {
-    kid.tell("PAUSE");
+impl Report {
+    fn add(&mut self, other: &Report) {
+        self.granted += other.granted;
+        self.timed_out += other.timed_out;
+        self.cancelled += other.cancelled;
+        self.rate += other.rate;
+    }
+}
+
+/// What a child that was told to pause says once it has.
+fn paused(kid: &mut Kid) -> Report {
     let line = kid.expect("PAUSED", CHURN_LONGEST_TIMEOUT + Duration::from_secs(30));
     let parts: Vec<&str> = line.split(' ').collect();
     let n = |i: usize| parts[i].parse::<u64>().unwrap();
@@ -465,10 +474,15 @@ fn killed_processes_leave_nothing_behind() {
             // Pause the living: each parks within its timeout (no waiter is
             // stuck) and says what its live guards hold.
             let paused_at = Instant::now();
+            for (i, kid) in kids.iter_mut().enumerate() {
+                if i != victim {
+                    kid.tell("PAUSE");
+                }
+            }
             let mut reports = Vec::new();
             for (i, kid) in kids.iter_mut().enumerate() {
                 if i != victim {
-                    reports.push((kid.pid(), pause(kid)));
+                    reports.push((kid.pid(), paused(kid)));
                 }
             }
             pauses.push(paused_at.elapsed());
@@ -514,13 +528,29 @@ fn killed_processes_leave_nothing_behind() {
                 let info = l.limit(name).unwrap();
                 assert_eq!(i64::from(info.held_slots), live, "round {round}: {info:?}");
             }
-            // Nobody waits while everyone is paused: no ticket is left.
-            let queued = format!("SELECT count(*) FROM {ns}.waiters");
-            assert!(
-                eventually(Duration::from_secs(10), || count(&mut db, &queued) == 0),
-                "round {round}: tickets left while every client is paused: {}",
-                count(&mut db, &queued)
+            // Nobody waits while everyone is paused: no ticket is queued (a
+            // granted one stays until its hold is given back; its hold must
+            // exist).
+            let queued = format!(
+                "SELECT (SELECT count(*) FROM {ns}.waiters w WHERE w.status <> 'granted' \
+                           OR NOT EXISTS (SELECT 1 FROM {ns}.holds h WHERE h.id = w.hold)) \
+                      + (SELECT count(*) FROM {ns}.waiter_limits)"
             );
+            if !eventually(Duration::from_secs(10), || count(&mut db, &queued) == 0) {
+                let rows: Vec<String> = db
+                    .query(
+                        &format!(
+                            "SELECT format('%s', (w.*, c.pid, clock_timestamp())) \
+                               FROM {ns}.waiters w LEFT JOIN {ns}.clients c ON c.id = w.client"
+                        ),
+                        &[],
+                    )
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                panic!("round {round}: tickets left while every client is paused: {rows:#?}");
+            }
             // Every living child made progress since it last paused, and no
             // acquisition overran its timeout by much.
             for (pid, rep) in &reports {
@@ -534,12 +564,7 @@ fn killed_processes_leave_nothing_behind() {
                 }
             }
             let dead = last.remove(&pid).unwrap_or_default();
-            for t in [&mut totals] {
-                t.granted += dead.granted;
-                t.timed_out += dead.timed_out;
-                t.cancelled += dead.cancelled;
-                t.rate += dead.rate;
-            }
+            totals.add(&dead);
             last.extend(reports.iter().cloned());
             kids[victim] = spawn();
             for (i, kid) in kids.iter_mut().enumerate() {
@@ -549,12 +574,12 @@ fn killed_processes_leave_nothing_behind() {
             }
         }
         for kid in &mut kids {
-            let rep = pause(kid);
+            kid.tell("PAUSE");
+        }
+        for kid in &mut kids {
+            let rep = paused(kid);
             worst_over = worst_over.max(rep.worst_over);
-            totals.granted += rep.granted;
-            totals.timed_out += rep.timed_out;
-            totals.cancelled += rep.cancelled;
-            totals.rate += rep.rate;
+            totals.add(&rep);
         }
         for kid in &mut kids {
             kid.kill_now();
@@ -628,4 +653,287 @@ fn an_acquisition_awaited_on_tokio_does_not_panic() {
                 .unwrap_err();
         });
     });
+}
+
+/// The timeout of the acquisitions that run across the restarts.
+const ACROSS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What one restart measured.
+#[derive(Debug, Default)]
+struct Across {
+    /// `pg_ctl restart` itself.
+    restart: Duration,
+    /// From the server being back to the first acquisition had.
+    first_after: Duration,
+    /// From the server being back until every thread had one.
+    all_after: Duration,
+    /// Acquisitions begun before the restart and ended after it began.
+    spanning_ok: u32,
+    spanning_err: u32,
+    ok: u32,
+    timed_out: u32,
+    storage: u32,
+    worst_over: Duration,
+    /// The waiter on x: from the release to it having x.
+    waiter_resumed: Duration,
+}
+
+/// Issue 11 item 3: `pg_ctl restart -m fast` and `-m immediate` during
+/// traffic, each `TURNSTILE_PG_RESTARTS` times (4) at a random moment.
+#[test]
+fn database_restarts_lose_nothing_and_cut_no_acquisition_in_half() {
+    watchdog(WATCHDOG * 20, || {
+        let Some(cluster) = cluster_or_skip("database_restarts") else {
+            return;
+        };
+        let reps: u32 = std::env::var("TURNSTILE_PG_RESTARTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        let seed = seed_from_env("TURNSTILE_PG_RESTART_SEED");
+        println!("restarts: seed {seed} (TURNSTILE_PG_RESTART_SEED repeats it)");
+        let mut rng = Rng::new(seed);
+        let mut all = Vec::new();
+        for mode in ["fast", "immediate"] {
+            for rep in 0..reps {
+                let f = restart_during_traffic(&cluster, mode, rep, &mut rng);
+                println!("restart -m {mode} #{rep}: {f:?}");
+                all.push((mode, f));
+            }
+        }
+        for mode in ["fast", "immediate"] {
+            let of = || all.iter().filter(|(m, _)| *m == mode).map(|(_, f)| f);
+            let worst = |pick: fn(&Across) -> Duration| of().map(pick).max().unwrap();
+            println!(
+                "restart -m {mode}: {} restarts; pg_ctl restart up to {:?}; first acquisition after it \
+                 up to {:?}, every thread again up to {:?}; {} acquisitions across the crash wholly had, \
+                 {} wholly not; {} had, {} timed out, {} storage errors; worst timeout overshoot {:?}; \
+                 the queued waiter had its slot up to {:?} after the release",
+                of().count(),
+                worst(|f| f.restart),
+                worst(|f| f.first_after),
+                worst(|f| f.all_after),
+                of().map(|f| f.spanning_ok).sum::<u32>(),
+                of().map(|f| f.spanning_err).sum::<u32>(),
+                of().map(|f| f.ok).sum::<u32>(),
+                of().map(|f| f.timed_out).sum::<u32>(),
+                of().map(|f| f.storage).sum::<u32>(),
+                worst(|f| f.worst_over),
+                worst(|f| f.waiter_resumed),
+            );
+        }
+        let worst_over = all.iter().map(|(_, f)| f.worst_over).max().unwrap();
+        assert!(
+            worst_over < Duration::from_secs(3),
+            "an acquisition overran its timeout by {worst_over:?}"
+        );
+    });
+}
+
+/// The definitions of the limits: what a crash must not lose.
+fn definitions(l: &Limiter) -> Vec<(String, u32, bool, f64)> {
+    let mut all = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            all = l.try_limits().ok();
+            all.is_some()
+        }),
+        "the database did not come back"
+    );
+    all.unwrap()
+        .into_iter()
+        .map(|i| (i.name, i.limit, i.active, i.slot_decay_per_second))
+        .collect()
+}
+
+/// One restart: 4 threads, each acquiring its own three limits and a
+/// shared one (capacity 2, so some wait) all-or-nothing, and checking
+/// after every acquisition that the server agrees with its outcome: all
+/// three of its own limits held once (it has a guard) or none (it has an
+/// error); a slot of x held and a waiter queued for it across the restart.
+fn restart_during_traffic(
+    cluster: &Cluster,
+    mode: &'static str,
+    rep: u32,
+    rng: &mut Rng,
+) -> Across {
+    let url = cluster.url();
+    let ns = format!("restart_{mode}_{rep}");
+    let l = connect(&url, &ns, Duration::from_secs(30));
+    const THREADS: usize = 4;
+    for t in 0..THREADS {
+        for part in ["a", "b", "c"] {
+            l.create_limit(&format!("{part}{t}"), LimitConfig::new(1))
+                .unwrap();
+        }
+    }
+    l.create_limit("s", LimitConfig::new(2)).unwrap();
+    l.create_limit("x", LimitConfig::new(1)).unwrap();
+    l.create_limit("r", LimitConfig::new(5).slot_decay_per_second(20.0))
+        .unwrap();
+    let held = l.concurrency("x", 1).acquire().unwrap();
+    let l2 = l.clone();
+    let waiter = thread::spawn(move || {
+        let got = l2
+            .concurrency("x", 1)
+            .timeout(Duration::from_secs(60))
+            .acquire();
+        (Instant::now(), got)
+    });
+    common::queued(&l, "x", 1);
+
+    // 0: before the restart; 1: under way; 2: the server is back.
+    let phase = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let back_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let traffic: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (l, phase, stop, back_at) =
+                (l.clone(), phase.clone(), stop.clone(), back_at.clone());
+            let mut rng = Rng::new(rng.next());
+            thread::spawn(move || {
+                let own: Vec<String> = ["a", "b", "c"].iter().map(|p| format!("{p}{t}")).collect();
+                let mut names = own.clone();
+                names.push("s".into());
+                let mut f = Across::default();
+                let mut first_after: Option<Instant> = None;
+                while !stop.load(Ordering::SeqCst) || first_after.is_none() {
+                    names.rotate_left(1 + rng.below(3) as usize);
+                    let began = phase.load(Ordering::SeqCst);
+                    let start = Instant::now();
+                    let got = l
+                        .concurrency(names.clone(), 1)
+                        .timeout(ACROSS_TIMEOUT)
+                        .acquire();
+                    let took = start.elapsed();
+                    f.worst_over = f.worst_over.max(took.saturating_sub(ACROSS_TIMEOUT));
+                    let spanning = began == 0 && phase.load(Ordering::SeqCst) > 0;
+                    // What the server holds of this thread's own limits,
+                    // once it answers.
+                    let held_own = |l: &Limiter| -> Vec<u32> {
+                        let mut seen = Vec::new();
+                        let answered = eventually(Duration::from_secs(30), || {
+                            seen = own
+                                .iter()
+                                .filter_map(|n| l.try_limit(n).ok().flatten().map(|i| i.held_slots))
+                                .collect();
+                            seen.len() == own.len()
+                        });
+                        assert!(answered, "the database did not come back");
+                        seen
+                    };
+                    match got {
+                        Ok(g) => {
+                            let seen = held_own(&l);
+                            assert_eq!(
+                                seen,
+                                [1, 1, 1],
+                                "{mode}: had {names:?}, the server says {seen:?}"
+                            );
+                            assert!(!g.is_lost());
+                            f.ok += 1;
+                            if spanning {
+                                f.spanning_ok += 1;
+                            }
+                            if began == 2 && first_after.is_none() {
+                                first_after = Some(Instant::now());
+                            }
+                            thread::sleep(Duration::from_micros(rng.below(2000)));
+                            g.release();
+                        }
+                        Err(e) => {
+                            match e {
+                                Error::Timeout { .. } => f.timed_out += 1,
+                                Error::Storage { .. } => f.storage += 1,
+                                other => panic!("{mode}: {other:?}"),
+                            }
+                            if spanning {
+                                f.spanning_err += 1;
+                            }
+                            // Nothing taken: at once, or once the client
+                            // has given back what a lost reply took.
+                            let mut seen = Vec::new();
+                            let none = eventually(Duration::from_secs(10), || {
+                                seen = held_own(&l);
+                                seen == [0, 0, 0]
+                            });
+                            assert!(
+                                none,
+                                "{mode}: failed ({e:?}) yet the server holds {seen:?} of {own:?}"
+                            );
+                        }
+                    }
+                }
+                let back = back_at.lock().unwrap().expect("the restart ended");
+                (f, first_after.unwrap() - back)
+            })
+        })
+        .collect();
+
+    thread::sleep(Duration::from_millis(200 + rng.below(600)));
+    // Definitions made just before the crash must survive it.
+    l.create_limit(&format!("late{rep}"), LimitConfig::new(7))
+        .unwrap();
+    l.update_limit("r", LimitUpdate::new().slot_decay_per_second(25.0))
+        .unwrap();
+    let defined = definitions(&l);
+    phase.store(1, Ordering::SeqCst);
+    let restarting = Instant::now();
+    cluster.restart(mode).unwrap();
+    let restart = restarting.elapsed();
+    *back_at.lock().unwrap() = Some(Instant::now());
+    phase.store(2, Ordering::SeqCst);
+    stop.store(true, Ordering::SeqCst);
+    let mut f = Across {
+        restart,
+        ..Across::default()
+    };
+    let mut firsts = Vec::new();
+    for t in traffic {
+        let (g, first) = t.join().unwrap();
+        firsts.push(first);
+        f.spanning_ok += g.spanning_ok;
+        f.spanning_err += g.spanning_err;
+        f.ok += g.ok;
+        f.timed_out += g.timed_out;
+        f.storage += g.storage;
+        f.worst_over = f.worst_over.max(g.worst_over);
+    }
+    f.first_after = *firsts.iter().min().unwrap();
+    f.all_after = *firsts.iter().max().unwrap();
+    assert_eq!(definitions(&l), defined, "{mode}: a definition was lost");
+
+    // The held slot and the queued waiter came through.
+    assert!(!held.is_lost(), "a restart is not a death ({mode})");
+    assert_eq!(l.limit("x").unwrap().held_slots, 1, "{mode}");
+    assert!(
+        eventually(Duration::from_secs(30), || l
+            .limit("x")
+            .is_some_and(|i| i.waiters == 1)),
+        "{mode}: the waiter on x is not queued: {:?}",
+        l.limit("x")
+    );
+    let released = Instant::now();
+    held.release();
+    let (granted, got) = waiter.join().unwrap();
+    drop(got.expect("the waiter resumes after the restart"));
+    f.waiter_resumed = granted - released;
+    l.flush().unwrap();
+
+    // Nothing left: no hold, no ticket, every held count its holds' sum.
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let key = namespace_key(&mut db, &ns);
+    let leftovers = format!(
+        "SELECT (SELECT count(*) FROM {ns}.holds) + (SELECT count(*) FROM {ns}.waiters) \
+              + (SELECT count(*) FROM {ns}.waiter_limits) \
+              + (SELECT count(*) FROM {ns}.limits WHERE held <> 0)"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || count(&mut db, &leftovers) == 0),
+        "{mode}: rows left after everything was given back: {}",
+        count(&mut db, &leftovers)
+    );
+    let wrong = mismatched_held(&mut db, &ns, key);
+    assert!(wrong.is_empty(), "{mode}: {wrong:?}");
+    f
 }

@@ -1,9 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-pub mod pg;
 #[cfg(feature = "postgres")]
 pub mod kids;
+pub mod pg;
 
 use std::sync::mpsc;
 use std::thread;
