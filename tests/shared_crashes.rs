@@ -872,9 +872,9 @@ fn restart_during_traffic(
 
     thread::sleep(Duration::from_millis(200 + rng.below(600)));
     // Definitions made just before the crash must survive it.
-    l.create_limit(&format!("late{rep}"), LimitConfig::new(7))
-        .unwrap();
     l.update_limit("r", LimitUpdate::new().slot_decay_per_second(25.0))
+        .unwrap();
+    l.create_limit(&format!("late{rep}"), LimitConfig::new(7))
         .unwrap();
     let defined = definitions(&l);
     phase.store(1, Ordering::SeqCst);
