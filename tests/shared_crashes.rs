@@ -937,3 +937,52 @@ fn restart_during_traffic(
     assert!(wrong.is_empty(), "{mode}: {wrong:?}");
     f
 }
+
+/// Regression: an acquisition whose call to the server is cut off by its
+/// deadline (the client closes the connection) may still be committed by
+/// the server afterwards, after the client's clean-up of the lost request
+/// (`abandon_request`, which does not wait for the namespace's lock) found
+/// nothing: a hold nobody owns, kept until the process ends. Found by the
+/// crash loop (a live process holding 2 slots of a and c that it did not
+/// know of). Here the namespace's lock is held from the side while the
+/// acquisition's deadline passes, so that its call is still waiting on the
+/// server when the client gives up.
+#[test]
+fn an_acquisition_cut_off_by_its_deadline_leaves_nothing_held() {
+    watchdog(WATCHDOG * 2, || {
+        let Some(cluster) = shared_cluster_or_skip("cut_off_by_deadline") else {
+            return;
+        };
+        let url = cluster.url();
+        let ns = "cut_off";
+        let l = connect(&url, ns, Duration::from_secs(30));
+        l.create_limit("a", LimitConfig::new(5)).unwrap();
+        // Registered, and the pool's connections open.
+        drop(l.concurrency("a", 1).acquire().unwrap());
+        l.flush().unwrap();
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let key = namespace_key(&mut db, ns);
+        let mut side = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        side.execute(&format!("SELECT pg_advisory_lock({key}, 0)"), &[])
+            .unwrap();
+        let got = l
+            .concurrency("a", 1)
+            .timeout(Duration::from_millis(300))
+            .acquire();
+        assert!(got.as_ref().unwrap_err().is_timeout(), "{got:?}");
+        // The client's clean-up has run (or is waiting for the lock too).
+        thread::sleep(Duration::from_millis(500));
+        side.execute(&format!("SELECT pg_advisory_unlock({key}, 0)"), &[])
+            .unwrap();
+        l.flush().unwrap();
+        let left = format!("SELECT count(*) FROM {ns}.holds");
+        let clean = eventually(Duration::from_secs(10), || count(&mut db, &left) == 0);
+        assert!(
+            clean,
+            "a timed-out acquisition left {} hold(s) nobody owns: {:?}",
+            count(&mut db, &left),
+            l.limit("a")
+        );
+        assert_eq!(l.limit("a").unwrap().held_slots, 0);
+    });
+}
