@@ -11,6 +11,9 @@
 //!   variables), which connect, print `READY`, wait for `GO` on stdin, run,
 //!   print their figures (`H`, `COUNT` lines) and `DONE`. Each scenario runs
 //!   [`RUNS`] times; the table shows the median run.
+//! * Case 7: `release()` of a limit of 1 with 1,000 acquisitions queued
+//!   behind it, beside the same with 10 (alternating rounds, medians): a
+//!   release must not cost more with a long queue.
 //!
 //! Besides the table: the server's WAL flushes per case (`pg_stat_wal`,
 //! count and mean time: commit latency dominates everything here) and the
@@ -504,6 +507,8 @@ struct Figures {
     /// Case 6: (connections of the process, queries/s by pg_stat_statements,
     /// transactions/s by xact_commit).
     idle: Option<(i64, Option<f64>, f64)>,
+    /// Case 7: release() times (ns) with few and with many waiters queued.
+    queue: (Vec<f64>, Vec<f64>),
 }
 
 fn scenarios(url: &str) -> Figures {
@@ -517,6 +522,7 @@ fn scenarios(url: &str) -> Figures {
         throughput: Vec::new(),
         rate: Vec::new(),
         idle: None,
+        queue: (Vec::new(), Vec::new()),
     };
 
     // 2. limit 1, 4 processes × 50, 10 ms each.
@@ -603,7 +609,113 @@ fn scenarios(url: &str) -> Figures {
 
     // 6. one process, 100 threads waiting on a paused limit.
     f.idle = Some(idle_waiters(url));
+
+    // 7. release() with 10 and with 1,000 waiters queued on its limit.
+    f.queue = queued_releases(url);
     f
+}
+
+/// An acquisition queued on the server, polled by hand.
+type Queued<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<turnstile::ConcurrencyGuard, turnstile::Error>>
+            + 'a,
+    >,
+>;
+
+/// One limit of 1 with `n` acquisitions queued behind its holder.
+struct Queue<'a> {
+    limiter: &'a Limiter,
+    waiting: std::collections::VecDeque<Queued<'a>>,
+    holder: Option<turnstile::ConcurrencyGuard>,
+}
+
+impl<'a> Queue<'a> {
+    fn new(limiter: &'a Limiter, n: usize) -> Queue<'a> {
+        let holder = Some(limiter.concurrency("x", 1).acquire().unwrap());
+        let mut q = Queue {
+            limiter,
+            waiting: Default::default(),
+            holder,
+        };
+        for _ in 0..n {
+            q.push();
+        }
+        let deadline = Instant::now() + PATIENCE;
+        while limiter.limit("x").unwrap().waiters < n {
+            assert!(Instant::now() < deadline, "the waiters never all queued");
+            thread::sleep(Duration::from_millis(20));
+        }
+        q
+    }
+
+    fn push(&mut self) {
+        let mut f: Queued<'a> = Box::pin(std::future::IntoFuture::into_future(
+            self.limiter.concurrency("x", 1),
+        ));
+        assert!(poll_once(&mut f).is_none(), "a waiter was let in at once");
+        self.waiting.push_back(f);
+    }
+
+    /// Releases the holder (timed: the call waits for the server), then
+    /// takes the head waiter's grant as the next holder and queues one more
+    /// at the back.
+    fn turn(&mut self) -> f64 {
+        let holder = self.holder.take().unwrap();
+        let start = Instant::now();
+        holder.release();
+        let took = start.elapsed().as_nanos() as f64;
+        let mut head = self.waiting.pop_front().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let granted = loop {
+            if let Some(r) = poll_once(&mut head) {
+                break r.unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the head waiter was never let in"
+            );
+            thread::sleep(Duration::from_micros(200));
+        };
+        self.holder = Some(granted);
+        self.push();
+        took
+    }
+}
+
+fn poll_once<T>(f: &mut std::pin::Pin<Box<dyn std::future::Future<Output = T> + '_>>) -> Option<T> {
+    let waker = std::task::Waker::noop();
+    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Case 7: release() times with 10 and with 1,000 waiters queued on the
+/// limit, in alternating rounds.
+fn queued_releases(url: &str) -> (Vec<f64>, Vec<f64>) {
+    const FEW: usize = 10;
+    const MANY: usize = 1000;
+    const ROUNDS: usize = 40;
+    namespace(url, "bench_queue_few", &[("x", LimitConfig::new(1))]);
+    namespace(url, "bench_queue_many", &[("x", LimitConfig::new(1))]);
+    let (few_l, many_l) = (
+        connect(url, "bench_queue_few"),
+        connect(url, "bench_queue_many"),
+    );
+    let mut few = Queue::new(&few_l, FEW);
+    let mut many = Queue::new(&many_l, MANY);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        a.push(few.turn());
+        b.push(many.turn());
+    }
+    eprintln!(
+        "case 7: release() {} with {FEW} waiters, {} with {MANY}",
+        fmt_ns(median(&mut a.clone())),
+        fmt_ns(median(&mut b.clone()))
+    );
+    (a, b)
 }
 
 /// Case 6: (connections, queries/s, transactions/s).
@@ -874,9 +986,17 @@ fn main() {
         );
     }
 
+    let (mut few, mut many) = f.queue.clone();
+    t.times(
+        "7. release() with 1,000 waiters queued on its limit vs with 10",
+        ("", Some(median(&mut many))),
+        ("10 queued", Some(median(&mut few))),
+        Target::AtMost(2.0),
+    );
+
     let idle_tps = f.idle.map_or(0.0, |x| x.2);
     let mut text = t.render(&format!(
-        "turnstile shared limits on PostgreSQL: cases 1–6 ({RUNS} runs of 2–5, median run)"
+        "turnstile shared limits on PostgreSQL: cases 1–7 ({RUNS} runs of 2–5, median run)"
     ));
     text += &format!("\nServer: {settings}\n");
     text += &format!(

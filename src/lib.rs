@@ -179,6 +179,12 @@
 //! * While the database is away, blocking and async acquisitions wait for
 //!   it within their timeout; `try_acquire` and the management methods
 //!   ([`Limiter::try_limit`], ...) return [`Error::Storage`] at once.
+//! * Every call to the server has a deadline: the acquisition's timeout,
+//!   or 10 s for a call without one. A server that accepts and then stops
+//!   answering (frozen, or behind a stalled proxy) therefore fails the call
+//!   with [`Error::Storage`] ("did not answer"), or the acquisition with
+//!   [`Error::Timeout`], on time; the connection is closed and the next
+//!   call opens a new one. Dropping a limiter then takes up to those 10 s.
 //! * Each acquisition, look and release is one round trip. An `.await` on a
 //!   shared limit makes those round trips inside `poll` (a fraction of a
 //!   millisecond on a nearby server), and waits between them without

@@ -68,7 +68,15 @@ fn renew_every(lease: Duration) -> Duration {
 fn keep(inner: &Inner) {
     let mut pause = Duration::from_millis(20);
     while !inner.stop.load(Ordering::SeqCst) {
-        match inner.pool.connect_keeper() {
+        expire_if_due(inner);
+        let expiry = {
+            let session = inner.session.lock();
+            session
+                .renewed
+                .filter(|_| session.id != 0)
+                .map(|at| at + inner.lease)
+        };
+        match inner.pool.connect_keeper(expiry) {
             Ok(mut conn) => {
                 pause = Duration::from_millis(20);
                 match session(inner, &mut conn) {

@@ -75,18 +75,22 @@ impl Failure {
     /// What went wrong, in the server's words where it has some.
     pub fn message(&self) -> String {
         match self {
-            Failure::Db(e) => e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string()),
+            Failure::Db(e) => match e.as_db_error() {
+                Some(d) => d.message().to_string(),
+                // "error communicating with the server", and why.
+                None => match std::error::Error::source(e) {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e.to_string(),
+                },
+            },
             Failure::Refused(m) => m.clone(),
             Failure::NoStartup => format!(
-                "the server accepted the connection but did not start a session \
+                "the server accepted the connection but did not answer its start-up \
                  within {} s (is it PostgreSQL?)",
                 CALL_BUDGET.as_secs()
             ),
             Failure::TimedOut(d) => format!(
-                "no answer from the server within {:.1} s (connection closed)",
+                "the server did not answer within {:.1} s (connection closed)",
                 d.as_secs_f64()
             ),
         }
@@ -175,9 +179,11 @@ impl Pool {
         Ok((pool, target))
     }
 
-    /// Opens the keeper's session connection.
-    pub fn connect_keeper(&self) -> Result<Client, Failure> {
-        let deadline = Instant::now() + CALL_BUDGET;
+    /// Opens the keeper's session connection, giving up by `until` too
+    /// (when the lease runs out, so that it is declared lost on time).
+    pub fn connect_keeper(&self, until: Option<Instant>) -> Result<Client, Failure> {
+        let budget = Instant::now() + CALL_BUDGET;
+        let deadline = until.map_or(budget, |u| u.min(budget));
         Client::connect(&self.config, deadline, self.keeper_budget).map_err(Failure::from_connect)
     }
 

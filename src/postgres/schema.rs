@@ -7,11 +7,15 @@ use super::conn::Client;
 use crate::Error;
 
 /// The namespace's schema version this build writes and reads.
-pub(crate) const VERSION: i32 = 1;
+pub(crate) const VERSION: i32 = 2;
 
 /// Version 1: tables, and the functions that acquire, release, grant and
 /// reap in one round trip each.
 const V1: &str = include_str!("schema_v1.sql");
+
+/// Version 2, over version 1: pumps that pass over waiters with no room
+/// (linear in the queue, not quadratic).
+const V2: &str = include_str!("schema_v2.sql");
 
 /// A validated namespace.
 #[derive(Debug, Clone)]
@@ -129,6 +133,7 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
             &ns.sql("CREATE SCHEMA __NS__; CREATE TABLE __NS__.meta (version integer NOT NULL); "),
         )?;
         tx.batch_execute(&ns.sql(V1))?;
+        tx.batch_execute(&ns.sql(V2))?;
         tx.execute(&ns.sql("INSERT INTO __NS__.meta VALUES ($1)"), &[&VERSION])?;
         return Ok(());
     }
@@ -150,7 +155,12 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
             "namespace {:?} has schema version {v}, newer than this build's {VERSION}",
             ns.name
         ))),
-        // Older versions would be migrated here, one step at a time.
+        // Older versions move forward one step at a time.
+        Some(1) => {
+            tx.batch_execute(&ns.sql(V2))?;
+            tx.execute(&ns.sql("UPDATE __NS__.meta SET version = $1"), &[&VERSION])?;
+            Ok(())
+        }
         Some(v) => Err(MigrateError::Refused(format!(
             "namespace {:?} has unknown schema version {v}",
             ns.name
