@@ -19,6 +19,10 @@
 //!   (nothing held anywhere), no hold lost or duplicated, a held slot and a
 //!   queued waiter carried across, traffic resuming, timeouts honoured.
 //!
+//! And two regressions the crash loop found: an acquisition awaited on a
+//! tokio runtime panicked, and an acquisition cut off by its deadline could
+//! leave a hold nobody owned.
+//!
 //! Where PostgreSQL is missing these tests say `SKIPPED` and check nothing;
 //! under `CI` they fail.
 
