@@ -2,8 +2,9 @@
 //! itself as children), on a throwaway PostgreSQL cluster: hand-off and
 //! mutual exclusion across processes, a holder and a waiter killed with
 //! SIGKILL, a frozen process losing its lease, a CLI edit reaching waiters
-//! in two processes, database restarts, two namespaces side by side, and
-//! unreachable or malformed databases.
+//! in two processes, two namespaces side by side, and unreachable or
+//! malformed databases. The crash loop and database restarts are in
+//! `shared_crashes.rs`, the over-admission oracle in `shared_oracle.rs`.
 //!
 //! Where PostgreSQL is missing these tests say `SKIPPED` and check nothing;
 //! under `CI` they fail.
@@ -12,7 +13,6 @@
 
 mod common;
 
-use std::future::{Future, IntoFuture};
 use std::net::TcpListener;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,24 +20,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::kid::Kid;
-use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
+use common::kids::{child_args, connect, say, ChildArgs, Kid};
+use common::pg::shared_cluster_or_skip;
 use common::{eventually, queued, unix_now, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
-
-const CHILD_ENV: &str = "TURNSTILE_PG_CHILD";
-const URL_ENV: &str = "TURNSTILE_PG_CHILD_URL";
-const NS_ENV: &str = "TURNSTILE_PG_CHILD_NS";
-const ARG_ENV: &str = "TURNSTILE_PG_CHILD_ARG";
-
-fn connect(url: &str, ns: &str, lease: Duration) -> Limiter {
-    Limiter::builder()
-        .postgres(url)
-        .namespace(ns)
-        .lease(lease)
-        .build()
-        .expect("connect")
-}
 
 /// A namespace of its own on the binary's cluster, and a limiter on it;
 /// `None` (skipped, or a panic under `CI`) without PostgreSQL.
@@ -47,30 +33,12 @@ fn namespace(test: &str, ns: &str) -> Option<(String, Limiter)> {
     Some((url, limiter))
 }
 
-/// A child process running `role`, its stdout read line by line.
-fn spawn_kid(role: &str, url: &str, ns: &str, arg: &str) -> Kid {
-    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
-    cmd.args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, role)
-        .env(URL_ENV, url)
-        .env(NS_ENV, ns)
-        .env(ARG_ENV, arg);
-    Kid::spawn(role, cmd)
-}
-
-fn say(line: &str) {
-    println!("{line}");
-}
-
 /// The children's side: what each role does.
 #[test]
 fn child() {
-    let Ok(role) = std::env::var(CHILD_ENV) else {
+    let Some(ChildArgs { role, url, ns, arg }) = child_args() else {
         return; // only ever run as a child
     };
-    let url = std::env::var(URL_ENV).unwrap();
-    let ns = std::env::var(NS_ENV).unwrap();
-    let arg = std::env::var(ARG_ENV).unwrap_or_default();
     match role.as_str() {
         // Holds x until killed.
         "hold" => {
@@ -144,94 +112,6 @@ fn child() {
                 .acquire();
             say(&format!("AGAIN {}", again.is_ok()));
         }
-        // Mixed traffic on a, b, c and r until killed: blocking acquisitions
-        // with timeouts, async ones cancelled while queued, rate limits.
-        "churn" => {
-            let l = connect(&url, &ns, Duration::from_secs(30));
-            say("READY");
-            let mut seed = u64::from(std::process::id()) | 1;
-            let mut next = move |below: u64| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed % below
-            };
-            let choices: [&[&str]; 4] = [&["a"], &["b"], &["a", "b"], &["c", "a"]];
-            loop {
-                let names = choices[next(4) as usize];
-                let occupy = 1 + next(2) as u32;
-                match next(4) {
-                    0 => {
-                        let _ = l.rate_limit("r", 1).try_acquire();
-                    }
-                    1 => {
-                        let mut fut = Box::pin(l.concurrency(names, occupy).into_future());
-                        let waker = std::task::Waker::noop();
-                        let mut cx = std::task::Context::from_waker(waker);
-                        let _ = fut.as_mut().poll(&mut cx);
-                        thread::sleep(Duration::from_micros(next(1000)));
-                        drop(fut); // cancelled, queued or not
-                    }
-                    _ => {
-                        if let Ok(g) = l
-                            .concurrency(names, occupy)
-                            .timeout(Duration::from_millis(500))
-                            .acquire()
-                        {
-                            thread::sleep(Duration::from_micros(next(3000)));
-                            drop(g);
-                        }
-                    }
-                }
-            }
-        }
-        // `arg` acquisitions of random names and weights on a, b and c,
-        // each recorded in the oracle's table (server clock) after it is
-        // had and before it is given back.
-        "oracle" => {
-            let l = connect(&url, &ns, Duration::from_secs(30));
-            let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            let record = db
-                .prepare("INSERT INTO oracle.events VALUES ($1, $2, $3, clock_timestamp())")
-                .unwrap();
-            say("READY");
-            let n: u32 = arg.parse().unwrap();
-            let me = std::process::id() as i32;
-            let mut seed = u64::from(std::process::id()) | 1;
-            let mut next = move |below: u64| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed % below
-            };
-            let choices: [&[&str]; 5] = [&["a"], &["b"], &["c"], &["a", "b"], &["c", "b", "a"]];
-            for _ in 0..n {
-                let names = choices[next(5) as usize];
-                let occupy = 1 + next(2) as u32;
-                let g = l
-                    .concurrency(names, occupy)
-                    .timeout(Duration::from_secs(60))
-                    .acquire()
-                    .unwrap();
-                for name in names {
-                    db.execute(&record, &[&me, name, &(occupy as i32)]).unwrap();
-                }
-                if next(2) == 0 {
-                    thread::sleep(Duration::from_micros(next(2000)));
-                }
-                for name in names {
-                    db.execute(&record, &[&me, name, &-(occupy as i32)])
-                        .unwrap();
-                }
-                if next(2) == 0 {
-                    g.release();
-                } else {
-                    drop(g);
-                }
-            }
-            l.flush().unwrap();
-            say("DONE");
-        }
         // Queues for `arg` (names joined by '+'), reports when let in (with
         // the local clock), holds 30 ms.
         "turn" => {
@@ -272,7 +152,7 @@ fn a_killed_holder_gives_back_within_seconds() {
             return;
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
-        let kid = spawn_kid("hold", &url, "killed_holder", "");
+        let kid = Kid::spawn("hold", &url, "killed_holder", "");
         kid.expect("HELD", Duration::from_secs(30));
         assert!(l.concurrency("x", 1).try_acquire().unwrap().is_none());
         let l2 = l.clone();
@@ -310,7 +190,7 @@ fn first_come_first_served_and_all_or_nothing_across_processes() {
         let wants = ["a", "b+a", "a"];
         let mut kids = Vec::new();
         for (i, want) in wants.iter().enumerate() {
-            let kid = spawn_kid("turn", &url, ns, want);
+            let kid = Kid::spawn("turn", &url, ns, want);
             kid.expect("QUEUING", Duration::from_secs(30));
             queued(&l, "a", i + 1);
             kids.push(kid);
@@ -340,195 +220,6 @@ fn first_come_first_served_and_all_or_nothing_across_processes() {
     });
 }
 
-/// Issue 11's over-admission oracle, small: every grant and release of 4
-/// processes is recorded with the server's clock (after the grant, before
-/// the release, so each recorded interval lies inside the real one), and a
-/// replay proves that no limit ever held more than its capacity.
-/// `TURNSTILE_PG_ORACLE_PER_PROCESS` sets the acquisitions per process.
-#[test]
-fn no_limit_is_ever_over_admitted_across_processes() {
-    watchdog(WATCHDOG * 10, || {
-        let ns = "oracle_limits";
-        let Some((url, l)) = namespace("oracle", ns) else {
-            return;
-        };
-        let caps = [("a", 3), ("b", 2), ("c", 4)];
-        for (name, cap) in caps {
-            l.create_limit(name, LimitConfig::new(cap)).unwrap();
-        }
-        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        db.batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS oracle; \
-             CREATE TABLE IF NOT EXISTS oracle.events \
-                (pid int, name text, delta int, at timestamptz)",
-        )
-        .unwrap();
-        let per: u32 = std::env::var("TURNSTILE_PG_ORACLE_PER_PROCESS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(400);
-        let kids: Vec<Kid> = (0..4)
-            .map(|_| spawn_kid("oracle", &url, ns, &per.to_string()))
-            .collect();
-        for kid in &kids {
-            kid.expect("READY", Duration::from_secs(30));
-        }
-        let start = Instant::now();
-        for kid in kids {
-            kid.expect("DONE", Duration::from_secs(600));
-            kid.wait_ok();
-        }
-        let took = start.elapsed();
-        // Replay: at equal instants a grant counts before a release (the
-        // real intervals contain the recorded ones, so that is sound).
-        let rows = db
-            .query(
-                "SELECT name, delta FROM oracle.events ORDER BY at, delta DESC",
-                &[],
-            )
-            .unwrap();
-        let mut held = std::collections::BTreeMap::new();
-        let mut most = std::collections::BTreeMap::new();
-        for row in &rows {
-            let name: String = row.get(0);
-            let delta: i32 = row.get(1);
-            let now = held.entry(name.clone()).or_insert(0i64);
-            *now += i64::from(delta);
-            let peak = most.entry(name.clone()).or_insert(0i64);
-            *peak = (*peak).max(*now);
-            let cap = caps.iter().find(|(n, _)| *n == name).unwrap().1;
-            assert!(
-                *now <= i64::from(cap),
-                "{name}: {now} slots held at once, capacity {cap}"
-            );
-        }
-        assert!(held.values().all(|&v| v == 0), "{held:?}");
-        let grants = rows.iter().filter(|r| r.get::<_, i32>(1) > 0).count();
-        eprintln!(
-            "oracle: {} acquisitions by 4 processes in {took:?}, {grants} grants recorded per limit; \
-             peak held {most:?} against capacities {caps:?}",
-            4 * per
-        );
-        for (name, cap) in caps {
-            assert!(most[name] <= i64::from(cap));
-            let info = l.limit(name).unwrap();
-            assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
-        }
-        // The oracle saw contention: some limit was full at some instant.
-        assert!(
-            caps.iter().any(|(n, c)| most[*n] == i64::from(*c)),
-            "no limit was ever full: {most:?}"
-        );
-    });
-}
-
-/// Issue 11's crash loop, small: 4 processes of mixed traffic, one killed
-/// with SIGKILL at a random moment each round and replaced. After each
-/// kill, within seconds nothing belongs to the dead client (no client row,
-/// no hold, no ticket), and at every look each limit's held count is the
-/// sum of the live holds. `TURNSTILE_PG_CRASH_ROUNDS` sets the rounds.
-#[test]
-fn killed_processes_leave_nothing_behind() {
-    watchdog(WATCHDOG * 10, || {
-        let ns = "crash_loop";
-        let Some((url, l)) = namespace("crash_loop", ns) else {
-            return;
-        };
-        for (name, cap) in [("a", 3), ("b", 2), ("c", 2)] {
-            l.create_limit(name, LimitConfig::new(cap)).unwrap();
-        }
-        l.create_limit("r", LimitConfig::new(5).slot_decay_per_second(200.0))
-            .unwrap();
-        let rounds: u32 = std::env::var("TURNSTILE_PG_CRASH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(6);
-        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let key = namespace_key(&mut db, ns);
-        let mut count = |sql: &str| -> i64 { db.query_one(sql, &[]).unwrap().get(0) };
-        let spawn = || {
-            let kid = spawn_kid("churn", &url, ns, "");
-            kid.expect("READY", Duration::from_secs(30));
-            kid
-        };
-        let mut kids: Vec<Kid> = (0..4).map(|_| spawn()).collect();
-        let mut cleaned = Vec::new();
-        let mut seed = u64::from(std::process::id()) | 1;
-        for _ in 0..rounds {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            thread::sleep(Duration::from_millis(200 + seed % 600));
-            let victim = (seed % kids.len() as u64) as usize;
-            let pid = kids[victim].id() as i32;
-            kids[victim].signal("KILL");
-            let killed = Instant::now();
-            let _ = kids[victim].wait();
-            let gone = format!("SELECT count(*) FROM {ns}.clients WHERE pid = {pid}");
-            let orphans = format!(
-                "SELECT (SELECT count(*) FROM {ns}.holds h WHERE NOT EXISTS \
-                        (SELECT 1 FROM {ns}.clients c WHERE c.id = h.client)) \
-                      + (SELECT count(*) FROM {ns}.waiters w WHERE NOT EXISTS \
-                        (SELECT 1 FROM {ns}.clients c WHERE c.id = w.client))"
-            );
-            let clean = eventually(Duration::from_secs(10), || {
-                count(&gone) == 0 && count(&orphans) == 0
-            });
-            assert!(
-                clean,
-                "the killed process {pid} left rows behind: its client rows {}, orphans {}",
-                count(&gone),
-                count(&orphans)
-            );
-            cleaned.push(killed.elapsed());
-            // Held counts are the sums of the live holds (under the
-            // namespace's lock, so that no call is half-way).
-            let mismatched = format!(
-                "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({key}, 0)) lock, \
-                    {ns}.limits l \
-                 WHERE l.held <> coalesce((SELECT sum(h.occupy) FROM {ns}.holds h, \
-                    unnest(h.names, h.incarnations) AS hl(name, inc) \
-                    WHERE hl.name = l.name AND hl.inc = l.incarnation), 0)"
-            );
-            assert_eq!(count(&mismatched), 0, "a held count is not its holds' sum");
-            kids[victim] = spawn();
-        }
-        for kid in &kids {
-            kid.signal("KILL");
-        }
-        drop(kids);
-        assert!(eventually(Duration::from_secs(10), || ["a", "b", "c"]
-            .iter()
-            .all(|n| l
-                .limit(n)
-                .is_some_and(|i| i.held_slots == 0 && i.waiters == 0))));
-        cleaned.sort();
-        eprintln!(
-            "crash loop: {rounds} SIGKILLs; a dead client's rows gone after {:?} (median), {:?} (worst)",
-            cleaned[cleaned.len() / 2],
-            cleaned[cleaned.len() - 1]
-        );
-    });
-}
-
-/// The namespace's lock key, as the server's functions have it spliced in.
-fn namespace_key(db: &mut postgres::Client, ns: &str) -> i32 {
-    let def: String = db
-        .query_one(
-            "SELECT pg_get_functiondef(p.oid) FROM pg_proc p \
-              JOIN pg_namespace n ON n.oid = p.pronamespace \
-             WHERE n.nspname = $1 AND p.proname = 'reap'",
-            &[&ns],
-        )
-        .unwrap()
-        .get(0);
-    let at = def
-        .find("pg_advisory_xact_lock(")
-        .expect("the reap function locks")
-        + 22;
-    def[at..].split(',').next().unwrap().trim().parse().unwrap()
-}
-
 #[test]
 fn a_killed_waiter_leaves_no_ticket() {
     watchdog(WATCHDOG * 2, || {
@@ -537,7 +228,7 @@ fn a_killed_waiter_leaves_no_ticket() {
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
         let held = l.concurrency("x", 1).acquire().unwrap();
-        let kid = spawn_kid("queue", &url, "killed_waiter", "");
+        let kid = Kid::spawn("queue", &url, "killed_waiter", "");
         kid.expect("QUEUING", Duration::from_secs(30));
         queued(&l, "x", 1);
         let killed = Instant::now();
@@ -565,7 +256,7 @@ fn processes_take_turns_without_overlap() {
         l.create_limit("y", LimitConfig::new(2)).unwrap();
         let per = 15;
         let kids: Vec<Kid> = (0..4)
-            .map(|_| spawn_kid("cycle", &url, ns, &per.to_string()))
+            .map(|_| Kid::spawn("cycle", &url, ns, &per.to_string()))
             .collect();
         for kid in &kids {
             kid.expect("READY", Duration::from_secs(30));
@@ -608,7 +299,7 @@ fn a_frozen_process_keeps_its_slots_until_its_lease_expires() {
             return;
         };
         l.create_limit("x", LimitConfig::new(1)).unwrap();
-        let kid = spawn_kid("lease", &url, ns, "");
+        let kid = Kid::spawn("lease", &url, ns, "");
         kid.expect("HELD", Duration::from_secs(30));
         // Frozen: its session stays open, so only its lease can tell.
         kid.signal("STOP");
@@ -641,7 +332,7 @@ fn a_cli_edit_reaches_waiters_in_two_processes() {
             return;
         };
         l.create_limit("p", LimitConfig::new(0)).unwrap();
-        let kids: Vec<Kid> = (0..2).map(|_| spawn_kid("paused", &url, ns, "")).collect();
+        let kids: Vec<Kid> = (0..2).map(|_| Kid::spawn("paused", &url, ns, "")).collect();
         for kid in &kids {
             kid.expect("QUEUING", Duration::from_secs(30));
         }
@@ -728,100 +419,6 @@ fn two_namespaces_are_independent() {
             "1"
         );
     });
-}
-
-#[test]
-fn a_database_restart_loses_no_hold_and_waiters_resume() {
-    watchdog(WATCHDOG * 4, || {
-        let Some(cluster) = cluster_or_skip("a_database_restart") else {
-            return;
-        };
-        for mode in ["fast", "immediate"] {
-            restart_case(&cluster, mode);
-        }
-    });
-}
-
-fn restart_case(cluster: &Cluster, mode: &str) {
-    let url = cluster.url();
-    let ns = format!("restart_{mode}");
-    let l = connect(&url, &ns, Duration::from_secs(30));
-    l.create_limit("x", LimitConfig::new(1)).unwrap();
-    let held = l.concurrency("x", 1).acquire().unwrap();
-    let l2 = l.clone();
-    let waiter = thread::spawn(move || {
-        l2.concurrency("x", 1)
-            .timeout(Duration::from_secs(60))
-            .acquire()
-            .map(drop)
-    });
-    queued(&l, "x", 1);
-    // Traffic on another limit across the restart: every acquisition is
-    // either wholly had or fails clearly, and nothing is left held.
-    l.create_limit("busy", LimitConfig::new(2)).unwrap();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic: Vec<_> = (0..3)
-        .map(|_| {
-            let (l, stop) = (l.clone(), stop.clone());
-            thread::spawn(move || {
-                let (mut got, mut failed) = (0u32, 0u32);
-                while !stop.load(Ordering::SeqCst) {
-                    match l
-                        .concurrency(["busy"], 1)
-                        .timeout(Duration::from_secs(20))
-                        .acquire()
-                    {
-                        Ok(g) => {
-                            got += 1;
-                            drop(g);
-                        }
-                        Err(e) => {
-                            assert!(
-                                matches!(e, Error::Timeout { .. } | Error::Storage { .. }),
-                                "{e:?}"
-                            );
-                            failed += 1;
-                        }
-                    }
-                }
-                (got, failed)
-            })
-        })
-        .collect();
-    thread::sleep(Duration::from_millis(300));
-    cluster.restart(mode).unwrap();
-    thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let (mut got, mut failed) = (0, 0);
-    for t in traffic {
-        let (g, f) = t.join().unwrap();
-        got += g;
-        failed += f;
-    }
-    eprintln!("restart -m {mode}: {got} acquisitions across it, {failed} failed clearly");
-    assert!(got > 0);
-    l.flush().unwrap();
-    assert!(eventually(Duration::from_secs(20), || l
-        .limit("busy")
-        .is_some_and(|i| i.held_slots == 0 && i.waiters == 0)));
-    // While it was away, management said so at once; now it is back.
-    assert!(eventually(Duration::from_secs(30), || l
-        .try_limit("x")
-        .is_ok_and(|i| i.is_some_and(|i| i.held_slots == 1))));
-    assert!(!held.is_lost(), "a restart is not a death ({mode})");
-    // The waiter is still queued (notifications were lost; it looked again).
-    assert!(eventually(Duration::from_secs(30), || l
-        .limit("x")
-        .is_some_and(|i| i.waiters == 1)));
-    held.release();
-    waiter
-        .join()
-        .unwrap()
-        .expect("the waiter resumes after the restart");
-    l.flush().unwrap();
-    assert!(eventually(Duration::from_secs(10), || l
-        .limit("x")
-        .is_some_and(|i| i.held_slots == 0 && i.waiters == 0)));
 }
 
 #[test]

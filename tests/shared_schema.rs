@@ -115,12 +115,12 @@ fn a_version_1_namespace_is_migrated_in_place() {
             .unwrap();
         assert_eq!(held, "taken");
 
-        // A build of version 2 connects: migrated, everything kept.
+        // A build of version 3 connects: migrated (through 2), everything kept.
         let l = connect(cluster, ns);
         let version = cluster
             .psql(&format!("SELECT version FROM {ns}.meta"))
             .unwrap();
-        assert_eq!(version, "2");
+        assert_eq!(version, "3");
         let pump = cluster
             .psql(&format!("SELECT pg_get_functiondef('{ns}.pump'::regproc)"))
             .unwrap();
@@ -139,13 +139,13 @@ fn a_version_1_namespace_is_migrated_in_place() {
         assert!(l.concurrency("x", 1).try_acquire().unwrap().is_none());
         drop(g);
         l.flush().unwrap();
-        // Connecting again finds version 2 and changes nothing.
+        // Connecting again finds version 3 and changes nothing.
         drop(connect(cluster, ns));
         assert_eq!(
             cluster
                 .psql(&format!("SELECT version FROM {ns}.meta"))
                 .unwrap(),
-            "2"
+            "3"
         );
         assert_eq!(l.try_limit("x").unwrap().unwrap().active_slots, 2);
     });

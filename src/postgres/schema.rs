@@ -7,7 +7,7 @@ use super::conn::Client;
 use crate::Error;
 
 /// The namespace's schema version this build writes and reads.
-pub(crate) const VERSION: i32 = 2;
+pub(crate) const VERSION: i32 = 3;
 
 /// Version 1: tables, and the functions that acquire, release, grant and
 /// reap in one round trip each.
@@ -16,6 +16,10 @@ const V1: &str = include_str!("schema_v1.sql");
 /// Version 2, over version 1: pumps that pass over waiters with no room
 /// (linear in the queue, not quadratic).
 const V2: &str = include_str!("schema_v2.sql");
+
+/// Version 3, over version 2: a request given up after its reply was lost
+/// takes nothing, even if it reaches the server later.
+const V3: &str = include_str!("schema_v3.sql");
 
 /// A validated namespace.
 #[derive(Debug, Clone)]
@@ -134,6 +138,7 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
         )?;
         tx.batch_execute(&ns.sql(V1))?;
         tx.batch_execute(&ns.sql(V2))?;
+        tx.batch_execute(&ns.sql(V3))?;
         tx.execute(&ns.sql("INSERT INTO __NS__.meta VALUES ($1)"), &[&VERSION])?;
         return Ok(());
     }
@@ -158,6 +163,12 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
         // Older versions move forward one step at a time.
         Some(1) => {
             tx.batch_execute(&ns.sql(V2))?;
+            tx.batch_execute(&ns.sql(V3))?;
+            tx.execute(&ns.sql("UPDATE __NS__.meta SET version = $1"), &[&VERSION])?;
+            Ok(())
+        }
+        Some(2) => {
+            tx.batch_execute(&ns.sql(V3))?;
             tx.execute(&ns.sql("UPDATE __NS__.meta SET version = $1"), &[&VERSION])?;
             Ok(())
         }

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod kid;
+#[cfg(feature = "postgres")]
+pub mod kids;
 pub mod net;
 pub mod pg;
 
