@@ -453,3 +453,45 @@ fn names_and_limits_are_kept_verbatim_or_refused() {
         }
     });
 }
+
+#[test]
+fn connections_the_server_ends_are_replaced_inside_tokio_tasks() {
+    watchdog(WATCHDOG, || {
+        // A cluster of its own: every session of the limiter is ended.
+        let Some(cluster) = cluster_or_skip("connections_the_server_ends") else {
+            return;
+        };
+        let l = Limiter::builder()
+            .postgres(cluster.url().as_str())
+            .namespace("ended")
+            .build()
+            .unwrap();
+        l.create_limit("x", LimitConfig::new(1)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..3 {
+                let g = l
+                    .concurrency("x", 1)
+                    .timeout(Duration::from_secs(20))
+                    .await
+                    .unwrap();
+                g.release();
+                // The server ends the limiter's sessions: the next calls,
+                // made inside this task, find their connections closed,
+                // drop them and open others.
+                let ended = cluster
+                    .psql(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'turnstile'",
+                    )
+                    .unwrap();
+                assert_ne!(ended, "0");
+            }
+        });
+        l.flush().unwrap();
+        assert_eq!(l.try_limit("x").unwrap().unwrap().active_slots, 0);
+    });
+}

@@ -47,7 +47,8 @@ pub(crate) struct Client {
 struct Driver {
     /// `None` once closed by a deadline.
     connection: Option<Connection>,
-    runtime: Runtime,
+    /// `None` only while being dropped.
+    runtime: Option<Runtime>,
     notifications: VecDeque<Notification>,
     /// How long one call may take.
     budget: Duration,
@@ -85,7 +86,7 @@ impl Client {
                 client,
                 driver: Driver {
                     connection: Some(connection),
-                    runtime,
+                    runtime: Some(runtime),
                     notifications: VecDeque::new(),
                     budget,
                     until: None,
@@ -120,7 +121,7 @@ impl Client {
         if d.notifications.is_empty() {
             if let Some(connection) = d.connection.as_mut() {
                 let notifications = &mut d.notifications;
-                d.runtime.block_on(async {
+                rt(&d.runtime).block_on(async {
                     let mut sleep = pin!(tokio::time::sleep_until(until.into()));
                     poll_fn(|cx| {
                         drive(connection, notifications, cx)?;
@@ -185,6 +186,25 @@ impl Client {
     }
 }
 
+impl Drop for Driver {
+    /// Shuts the runtime down without waiting: a runtime dropped the usual
+    /// way inside a tokio task panics ("Cannot drop a runtime in a context
+    /// where blocking is not allowed"), and this one runs no tasks.
+    fn drop(&mut self) {
+        self.connection = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A driver's runtime (there until the driver is dropped).
+fn rt(runtime: &Option<Runtime>) -> &Runtime {
+    runtime
+        .as_ref()
+        .expect("the runtime is there until the drop")
+}
+
 impl Driver {
     /// Runs `call` to its end or to the deadline, driving the connection
     /// (and keeping the notifications it brings) meanwhile.
@@ -203,10 +223,10 @@ impl Driver {
         let mut call = pin!(call);
         let Some(connection) = self.connection.as_mut() else {
             // Closed by an earlier deadline: the call fails at once.
-            return self.runtime.block_on(call);
+            return rt(&self.runtime).block_on(call);
         };
         let notifications = &mut self.notifications;
-        let outcome = self.runtime.block_on(async {
+        let outcome = rt(&self.runtime).block_on(async {
             let mut sleep = pin!(tokio::time::sleep_until(deadline.into()));
             poll_fn(|cx| {
                 if let Err(e) = drive(connection, notifications, cx) {
@@ -229,7 +249,7 @@ impl Driver {
                 // as on a broken connection.
                 self.timed_out = true;
                 self.connection = None;
-                self.runtime.block_on(call)
+                rt(&self.runtime).block_on(call)
             }
         }
     }

@@ -301,13 +301,16 @@ impl Inner {
     }
 
     /// Runs one management call on a pool connection, at once (no waiting
-    /// for a database that is away).
+    /// for a database that is away; a connection the server ended while it
+    /// sat idle is replaced, and the call made again once).
     fn call<T>(
         &self,
         name: &str,
-        f: impl FnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
+        f: impl FnMut(&mut Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, Error> {
-        self.pool.with(None, f).map_err(|f| self.failure(f, name))
+        self.pool
+            .with_fresh_retry(f)
+            .map_err(|f| self.failure(f, name))
     }
 
     /// A failed pool call in the library's terms.

@@ -105,6 +105,16 @@ impl Failure {
     }
 }
 
+/// Whether `e` says the server ended the session (or it was found closed)
+/// rather than refused the call.
+fn ended_by_server(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    match e.code() {
+        Some(c) => *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN,
+        None => e.is_closed() || e.as_db_error().is_none(),
+    }
+}
+
 /// `user@host:port/dbname` of a configuration: what errors name, never the
 /// password.
 pub(crate) fn describe(config: &Config) -> String {
@@ -207,11 +217,16 @@ impl Pool {
     /// open (given up at `until`, or after the budget), or the next one
     /// given back.
     fn take(&self, until: Option<Instant>) -> Result<Client, Failure> {
+        self.take_reused(until).map(|(client, _)| client)
+    }
+
+    /// [`Pool::take`], and whether the connection was idle in the pool.
+    fn take_reused(&self, until: Option<Instant>) -> Result<(Client, bool), Failure> {
         let mut state = self.state.lock();
         loop {
             if let Some(client) = state.idle.pop() {
                 if !client.is_closed() {
-                    return Ok(client);
+                    return Ok((client, true));
                 }
                 state.open -= 1;
                 continue;
@@ -221,11 +236,13 @@ impl Pool {
                 drop(state);
                 let budget = Instant::now() + CALL_BUDGET;
                 let deadline = until.map_or(budget, |u| u.min(budget));
-                return Client::connect(&self.config, deadline, CALL_BUDGET).map_err(|e| {
-                    self.state.lock().open -= 1;
-                    self.freed.notify_one();
-                    Failure::from_connect(e)
-                });
+                return Client::connect(&self.config, deadline, CALL_BUDGET)
+                    .map(|client| (client, false))
+                    .map_err(|e| {
+                        self.state.lock().open -= 1;
+                        self.freed.notify_one();
+                        Failure::from_connect(e)
+                    });
             }
             match until {
                 Some(u) => {
@@ -269,6 +286,48 @@ impl Pool {
             Err(_) if timed_out => Err(Failure::TimedOut(started.elapsed())),
             Err(e) => Err(Failure::Db(e)),
         }
+    }
+
+    /// Runs `f` on a connection, once, as [`Pool::with`]; but if the
+    /// connection had been idle in the pool and the server had ended it
+    /// meanwhile (a restart, `pg_terminate_backend`, an idle timeout), `f`
+    /// runs again on a new one. For management calls: the call on the old
+    /// connection was, with near certainty, never run (the server's goodbye
+    /// was waiting in the socket), but an acquisition must not be sent
+    /// twice.
+    pub fn with_fresh_retry<T>(
+        &self,
+        mut f: impl FnMut(&mut Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Failure> {
+        let started = Instant::now();
+        let mut last_try = false;
+        loop {
+            let (mut client, reused) = self.take_reused(None)?;
+            let result = f(&mut client);
+            let timed_out = client.timed_out();
+            self.give(client);
+            match result {
+                Ok(v) => return Ok(v),
+                Err(_) if timed_out => return Err(Failure::TimedOut(started.elapsed())),
+                Err(e) if reused && !last_try && ended_by_server(&e) => {
+                    // The others idle since are likely ended too.
+                    self.close_idle();
+                    last_try = true;
+                }
+                Err(e) => return Err(Failure::Db(e)),
+            }
+        }
+    }
+
+    /// Closes the idle connections.
+    fn close_idle(&self) {
+        let closed: Vec<Client> = {
+            let mut state = self.state.lock();
+            state.open -= state.idle.len();
+            state.idle.drain(..).collect()
+        };
+        drop(closed);
+        self.freed.notify_all();
     }
 
     /// Runs `f` on a connection, retrying failures of the connection (the
