@@ -258,11 +258,11 @@ fn worker(l: &Limiter, stop: &str, salt: u64) -> [u64; COUNTS.len()] {
                 // Async under tokio, cancelled by a timeout of its own.
                 let fut = l.concurrency(names, occupy).into_future();
                 let within = Duration::from_millis(rng.below(30));
-                match rt.block_on(tokio::time::timeout(within, fut)) {
+                match rt.block_on(async { tokio::time::timeout(within, fut).await }) {
                     Ok(Ok(g)) => {
                         n[0] += 1;
                         n[6] += 1;
-                        rt.block_on(tokio::time::sleep(hold));
+                        rt.block_on(async { tokio::time::sleep(hold).await });
                         drop(g);
                         n[1] += 1;
                     }
