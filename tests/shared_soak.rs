@@ -21,8 +21,10 @@
 //! * rows stay bounded: clients at most one per live limiter (+1 for a CLI
 //!   run), holds at most the slots the limits can hold at once (each hold
 //!   takes at least one slot; held slots never exceed the highest limit
-//!   the editor sets), and the waiters' rows do not grow with time (the
-//!   last third's peak within twice the first third's + 64).
+//!   the editor sets), rows of queued and failed waiters do not grow with
+//!   time (the last third's peak within twice the first third's + 64), and
+//!   no row of a grant of nothing held (kept for a lease, so that a retried
+//!   look gets the same answer) outlives its lease by more than 5 s.
 //!
 //! At the end traffic stops; each child checks its own shadow counts (every
 //! guard it got, it gave back; its `Acquired` and `Released` events match
@@ -367,7 +369,15 @@ struct Sample {
     conns: Vec<usize>,
     clients: i64,
     holds: i64,
-    waiters: i64,
+    /// Queued waiters' rows.
+    queued: i64,
+    /// Rows of grants of nothing held (rate limits, inactive limits), kept
+    /// for a lease so that a retried look gets the same answer.
+    kept: i64,
+    /// Those of them older than a lease + 5 s: ought to be gone.
+    stale: i64,
+    /// Rows of failed waiters not yet seen by their client.
+    failed: i64,
     waiter_limits: i64,
     dead: i64,
     backends: i64,
@@ -508,7 +518,20 @@ fn soak(secs: u64) {
                 conns,
                 clients: count(&format!("SELECT count(*) FROM {ns}.clients")),
                 holds: count(&format!("SELECT count(*) FROM {ns}.holds")),
-                waiters: count(&format!("SELECT count(*) FROM {ns}.waiters")),
+                queued: count(&format!(
+                    "SELECT count(*) FROM {ns}.waiters WHERE status = 'queued'"
+                )),
+                kept: count(&format!(
+                    "SELECT count(*) FROM {ns}.waiters WHERE status = 'granted' AND hold IS NULL"
+                )),
+                stale: count(&format!(
+                    "SELECT count(*) FROM {ns}.waiters WHERE status = 'granted' AND hold IS NULL \
+                      AND granted_at < clock_timestamp() - make_interval(secs => {})",
+                    LEASE.as_secs() + 5
+                )),
+                failed: count(&format!(
+                    "SELECT count(*) FROM {ns}.waiters WHERE status = 'failed'"
+                )),
                 waiter_limits: count(&format!("SELECT count(*) FROM {ns}.waiter_limits")),
                 dead: count(&format!(
                     "SELECT coalesce(sum(n_dead_tup), 0)::int8 FROM pg_stat_user_tables \
@@ -521,14 +544,18 @@ fn soak(secs: u64) {
             let s = samples.last().unwrap();
             println!(
                 "{:6.1} s: RSS KiB {:?}, connections {:?} ({} turnstile backends), rows: \
-                 clients {} holds {} waiters {} waiter_limits {}, dead tuples {}",
+                 clients {} holds {} waiters queued {} kept {} (stale {}) failed {} \
+                 waiter_limits {}, dead tuples {}",
                 s.at,
                 s.rss,
                 s.conns,
                 s.backends,
                 s.clients,
                 s.holds,
-                s.waiters,
+                s.queued,
+                s.kept,
+                s.stale,
+                s.failed,
                 s.waiter_limits,
                 s.dead
             );
@@ -641,8 +668,14 @@ fn soak(secs: u64) {
     let hold_bound = i64::from(MAX) * EDITED.len() as i64 + CHILDREN as i64;
     let max_holds = peak(|s| s.holds, &samples);
     assert!(max_holds <= hold_bound, "{max_holds} holds at once");
+    // Rows of grants of nothing held go with their client's first renewal
+    // a lease after the grant: never older than that (+5 s for a loaded
+    // machine), however long the run.
+    let max_stale = peak(|s| s.stale, &samples);
+    assert_eq!(max_stale, 0, "rows of grants kept past their lease");
     for (what, f) in [
-        ("waiters", (|s| s.waiters) as fn(&Sample) -> i64),
+        ("queued waiters", (|s| s.queued) as fn(&Sample) -> i64),
+        ("failed waiters", |s| s.failed),
         ("waiter_limits", |s| s.waiter_limits),
     ] {
         let (early, late) = (peak(f, first), peak(f, last));
@@ -661,8 +694,8 @@ fn soak(secs: u64) {
          {} occupy above a lowered limit, {} rate-limit slots ({} refused or timed out), \
          {cli_runs} CLI runs; RSS first/last sample {:?} / {:?} KiB; connections per process \
          max {max_conns}, turnstile backends max {max_backends}; rows max: clients \
-         {max_clients}, holds {max_holds}, waiters {}, waiter_limits {}; dead tuples max \
-         {max_dead}",
+         {max_clients}, holds {max_holds}, queued waiters {}, kept grants {}, failed {}, \
+         waiter_limits {}; dead tuples max {max_dead}",
         totals["async_acquired"],
         totals["cancelled"],
         totals["timed_out"],
@@ -673,7 +706,9 @@ fn soak(secs: u64) {
         totals["rate_refused"],
         samples[0].rss,
         samples.last().unwrap().rss,
-        peak(|s| s.waiters, &samples),
+        peak(|s| s.queued, &samples),
+        peak(|s| s.kept, &samples),
+        peak(|s| s.failed, &samples),
         peak(|s| s.waiter_limits, &samples),
     );
     assert!(acquired > 0 && totals["cancelled"] > 0 && totals["rate_slots"] > 0);
