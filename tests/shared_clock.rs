@@ -28,7 +28,7 @@
 //! the pace (slots per second / rate). Holds of the concurrency limit are
 //! recorded by the children (server clock, after the grant and before the
 //! release, as in `shared_processes.rs`'s oracle) and replayed: never more
-//! than the limit. Every slot the server charged is one a child took.
+//! than the limit; the trigger also checks the server's own held count. Every slot the server charged is one a child took.
 //!
 //! Needs `libfaketime` (`apt-get install libfaketime`; `.ci/run` installs
 //! it). Without it, or without PostgreSQL, the test says `SKIPPED`; under
@@ -55,7 +55,8 @@ const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 const RATES: [(&str, u32, f64); 2] = [("r1", 3, 30.0), ("r2", 2, 12.0)];
 /// The concurrency limit and its capacity.
 const HOLD: (&str, u32) = ("c", 2);
-/// Threads per child.
+/// Threads of mixed traffic per child (and one more that takes only the
+/// concurrency limit).
 const THREADS: usize = 2;
 /// Slack for the server's microsecond timestamps and float arithmetic, in
 /// slots.
@@ -122,7 +123,7 @@ fn pace_child(role: &Role) {
     let (own0, wall0) = (Instant::now(), unix_now());
     let server0 = seconds(&mut db);
     let ns = role.ns.clone();
-    let threads: Vec<_> = (0..THREADS)
+    let threads: Vec<_> = (0..=THREADS)
         .map(|i| {
             let (l, url, ns) = (l.clone(), role.url.clone(), ns.clone());
             thread::spawn(move || traffic(&l, &url, &ns, per, i as u64))
@@ -165,7 +166,13 @@ fn traffic(l: &Limiter, url: &str, ns: &str, per: u64, salt: u64) -> [u64; 6] {
     let mut n = [0u64; 6];
     let timeout = Duration::from_secs(60);
     for _ in 0..per {
-        let (names, occupy): (&[&str], u32) = match rng.below(10) {
+        // The last thread takes only c, so that it is contended.
+        let kind = if salt == THREADS as u64 {
+            9
+        } else {
+            rng.below(10)
+        };
+        let (names, occupy): (&[&str], u32) = match kind {
             0..=2 => (&["r1"], 1 + rng.below(2) as u32),
             3 | 4 => (&["r2"], 1),
             5 => (&["r1", "r2"], 1),
@@ -199,7 +206,7 @@ fn traffic(l: &Limiter, url: &str, ns: &str, per: u64, salt: u64) -> [u64; 6] {
                             + (salt << 24) as i64
                             + n[2] as i64;
                         db.execute(&record, &[&HOLD.0, &1i32, &false, &id]).unwrap();
-                        thread::sleep(Duration::from_micros(rng.below(5000)));
+                        thread::sleep(Duration::from_micros(1000 + rng.below(9000)));
                         let lost = g.is_lost();
                         db.execute(&record, &[&HOLD.0, &-1i32, &lost, &id]).unwrap();
                         n[3] += u64::from(lost);
@@ -277,9 +284,13 @@ fn case(test: &str, ns: &str, fakes: &[Fake], lease: Duration, may_lose: bool) {
         "CREATE SCHEMA log_{ns};
          CREATE TABLE log_{ns}.rate (name text, occupy float8, charged timestamptz, made timestamptz);
          CREATE TABLE log_{ns}.holds (name text, delta int, at timestamptz, lost boolean, hold bigint);
+         CREATE TABLE log_{ns}.over (name text, held bigint, cap int, at timestamptz);
          CREATE FUNCTION log_{ns}.on_limit() RETURNS trigger LANGUAGE plpgsql AS $$
          DECLARE took float8 := NEW.decaying - {ns}.decaying_now(OLD, NEW.decaying_at);
          BEGIN
+             IF NEW.active AND NEW.held > NEW.cap THEN
+                 INSERT INTO log_{ns}.over VALUES (NEW.name, NEW.held, NEW.cap, clock_timestamp());
+             END IF;
              IF took > 0.5 THEN
                  INSERT INTO log_{ns}.rate VALUES (NEW.name, took, NEW.decaying_at, clock_timestamp());
              END IF;
@@ -473,6 +484,19 @@ fn case(test: &str, ns: &str, fakes: &[Fake], lease: Duration, may_lose: bool) {
         fakes.len(),
         HOLD.1
     );
+    // The server's own count never passed the limit (nobody lowers it).
+    let over = db
+        .query(&format!("SELECT name, held, cap FROM log_{ns}.over"), &[])
+        .unwrap();
+    if let Some(row) = over.first() {
+        panic!(
+            "{}: the server held {} slots, limit {} ({} such changes)",
+            row.get::<_, String>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i32>(2),
+            over.len()
+        );
+    }
     for name in ["r1", "r2", HOLD.0] {
         let info = l.limit(name).unwrap();
         assert_eq!((info.held_slots, info.waiters), (0, 0), "{info:?}");
