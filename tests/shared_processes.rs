@@ -13,22 +13,17 @@
 mod common;
 
 use std::future::{Future, IntoFuture};
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::kids::{Kid, Role};
 use common::pg::{cluster_or_skip, shared_cluster_or_skip, Cluster};
 use common::{eventually, queued, unix_now, watchdog, WATCHDOG};
 use turnstile::{Error, Event, LimitConfig, LimitUpdate, Limiter};
-
-const CHILD_ENV: &str = "TURNSTILE_PG_CHILD";
-const URL_ENV: &str = "TURNSTILE_PG_CHILD_URL";
-const NS_ENV: &str = "TURNSTILE_PG_CHILD_NS";
-const ARG_ENV: &str = "TURNSTILE_PG_CHILD_ARG";
 
 fn connect(url: &str, ns: &str, lease: Duration) -> Limiter {
     Limiter::builder()
@@ -47,76 +42,6 @@ fn namespace(test: &str, ns: &str) -> Option<(String, Limiter)> {
     Some((url, limiter))
 }
 
-/// A child process running `role`, its stdout read line by line.
-struct Kid {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Kid {
-    fn spawn(role: &str, url: &str, ns: &str, arg: &str) -> Kid {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, role)
-            .env(URL_ENV, url)
-            .env(NS_ENV, ns)
-            .env(ARG_ENV, arg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout: ChildStdout = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Kid { child, lines }
-    }
-
-    /// The next line with `prefix`, from it on, within `within`.
-    fn expect(&self, prefix: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                // The harness may have begun the line ("test child ... ").
-                Ok(line) => {
-                    if let Some(at) = line.find(prefix) {
-                        return line[at..].to_string();
-                    }
-                }
-                Err(e) => panic!("child: no {prefix:?} within {within:?} ({e})"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    fn wait_ok(mut self) {
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "child failed: {status}");
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn say(line: &str) {
     println!("{line}");
 }
@@ -124,12 +49,9 @@ fn say(line: &str) {
 /// The children's side: what each role does.
 #[test]
 fn child() {
-    let Ok(role) = std::env::var(CHILD_ENV) else {
+    let Some(Role { role, url, ns, arg }) = Role::from_env() else {
         return; // only ever run as a child
     };
-    let url = std::env::var(URL_ENV).unwrap();
-    let ns = std::env::var(NS_ENV).unwrap();
-    let arg = std::env::var(ARG_ENV).unwrap_or_default();
     match role.as_str() {
         // Holds x until killed.
         "hold" => {
