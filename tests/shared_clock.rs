@@ -27,8 +27,10 @@
 //! come that much sooner). It prints the worst ratios, the backdating and
 //! the pace (slots per second / rate). Holds of the concurrency limit are
 //! recorded by the children (server clock, after the grant and before the
-//! release, as in `shared_processes.rs`'s oracle) and replayed: never more
-//! than the limit; the trigger also checks the server's own held count. Every slot the server charged is one a child took.
+//! release, as in `shared_processes.rs`'s oracle; one thread per child
+//! takes nothing else, so that it is contended) and replayed: never more
+//! than the limit; the trigger also checks the server's own held count.
+//! Every slot the server charged is one a child took.
 //!
 //! Needs `libfaketime` (`apt-get install libfaketime`; `.ci/run` installs
 //! it). Without it, or without PostgreSQL, the test says `SKIPPED`; under

@@ -207,7 +207,7 @@ fn worker(l: &Limiter, stop: &str, salt: u64) -> [u64; COUNTS.len()] {
         .unwrap();
     let mut n = [0u64; COUNTS.len()];
     let mut round = 0u64;
-    while round % 16 != 0 || !Path::new(stop).exists() {
+    while !round.is_multiple_of(16) || !Path::new(stop).exists() {
         round += 1;
         let names = SETS[rng.below(SETS.len() as u64) as usize];
         let occupy = 1 + rng.below(2) as u32;
