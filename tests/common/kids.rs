@@ -36,9 +36,17 @@ pub struct ChildArgs {
     pub arg: String,
 }
 
-/// `Some` only in a child process.
+/// `Some` only in a child process. A child exits when its parent does (a
+/// parent that failed leaves no child running).
 pub fn child_args() -> Option<ChildArgs> {
     let role = std::env::var(CHILD_ENV).ok()?;
+    let parent = std::os::unix::process::parent_id();
+    thread::spawn(move || loop {
+        if std::os::unix::process::parent_id() != parent {
+            std::process::exit(3);
+        }
+        thread::sleep(Duration::from_millis(200));
+    });
     Some(ChildArgs {
         role,
         url: std::env::var(URL_ENV).expect("the child's database"),
@@ -63,6 +71,12 @@ pub struct Kid {
 
 impl Kid {
     pub fn spawn(role: &str, url: &str, ns: &str, arg: &str) -> Kid {
+        Kid::spawn_with(role, url, ns, arg, &[])
+    }
+
+    /// As [`Kid::spawn`], with extra environment variables (e.g.
+    /// `LD_PRELOAD` and `FAKETIME` for a faked clock).
+    pub fn spawn_with(role: &str, url: &str, ns: &str, arg: &str, env: &[(&str, &str)]) -> Kid {
         let exe = std::env::current_exe().expect("current_exe");
         let mut child = Command::new(exe)
             .args(["--exact", "child", "--nocapture", "--test-threads=1"])
@@ -70,6 +84,7 @@ impl Kid {
             .env(URL_ENV, url)
             .env(NS_ENV, ns)
             .env(ARG_ENV, arg)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -163,4 +178,14 @@ pub fn stdin_lines() -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`);
+/// `None` once it has gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
