@@ -462,6 +462,33 @@ fn inside_tokio(l: &Limiter) {
     assert_eq!(l.try_limit("t").unwrap().unwrap().active_slots, 0);
 }
 
+/// An acquisition's deadline is its own: calls made after it ran out,
+/// on the same connections, have theirs.
+fn deadlines_are_per_call(l: &Limiter) {
+    l.create_limit("d", LimitConfig::new(1)).unwrap();
+    for _ in 0..3 {
+        // Taken well within its deadline, which then passes.
+        let start = Instant::now();
+        let g = l
+            .concurrency("d", 1)
+            .timeout(Duration::from_millis(200))
+            .acquire()
+            .unwrap();
+        while start.elapsed() < Duration::from_millis(300) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(l.try_limit("d").unwrap().unwrap().active_slots, 1);
+        l.update_limit("d", LimitUpdate::new().limit(1)).unwrap();
+        assert!(l.concurrency("d", 1).try_acquire().unwrap().is_none());
+        g.release();
+    }
+}
+
+#[test]
+fn deadlines_are_per_call_both() {
+    both("deadlines", deadlines_are_per_call);
+}
+
 #[test]
 fn inside_tokio_both() {
     both("inside_tokio", inside_tokio);

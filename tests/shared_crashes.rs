@@ -529,7 +529,7 @@ fn killed_processes_leave_nothing_behind() {
                         r.held[CHURN_LIMITS.iter().position(|(n, _)| *n == name).unwrap()]
                     })
                     .sum();
-                let info = l.limit(name).unwrap();
+                let info = l.try_limit(name).unwrap().unwrap();
                 assert_eq!(i64::from(info.held_slots), live, "round {round}: {info:?}");
             }
             // Nobody waits while everyone is paused: no ticket is queued (a

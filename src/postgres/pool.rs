@@ -255,7 +255,9 @@ impl Pool {
         }
     }
 
-    fn give(&self, client: Client) {
+    fn give(&self, mut client: Client) {
+        // The next borrower's deadline is its own.
+        client.until(None);
         let mut state = self.state.lock();
         if client.is_closed() {
             state.open -= 1;
