@@ -1,5 +1,6 @@
 //! The namespace's schema on PostgreSQL: a version 1 namespace is migrated
-//! to version 2 in place, keeping its limits and slots; and version 2's
+//! to this build's version in place, keeping its limits and slots; and
+//! version 2's
 //! pumps, which pass over the waiters that have no room, still grant every
 //! waiter that fits, in ticket order, and still count the attempts of those
 //! with `max_retries`.
@@ -115,18 +116,36 @@ fn a_version_1_namespace_is_migrated_in_place() {
             .unwrap();
         assert_eq!(held, "taken");
 
-        // A build of version 3 connects: migrated (through 2), everything kept.
+        // This build connects: migrated step by step to the version a new
+        // namespace gets, everything kept.
+        let current = {
+            drop(connect(cluster, "fresh_for_version"));
+            cluster
+                .psql("SELECT version FROM fresh_for_version.meta")
+                .unwrap()
+        };
+        assert!(current.parse::<i32>().unwrap() >= 4, "{current}");
         let l = connect(cluster, ns);
         let version = cluster
             .psql(&format!("SELECT version FROM {ns}.meta"))
             .unwrap();
-        assert_eq!(version, "3");
-        let pump = cluster
-            .psql(&format!("SELECT pg_get_functiondef('{ns}.pump'::regproc)"))
-            .unwrap();
+        assert_eq!(version, current);
+        let def = |f: &str| {
+            cluster
+                .psql(&format!("SELECT pg_get_functiondef('{ns}.{f}'::regproc)"))
+                .unwrap()
+        };
+        // Version 2's pump, 3's tombstones, 4's grant.
+        assert!(def("pump").contains("full_on"), "the pump was not replaced");
+        assert_eq!(
+            cluster
+                .psql(&format!("SELECT to_regclass('{ns}.abandoned') IS NOT NULL"))
+                .unwrap(),
+            "t"
+        );
         assert!(
-            pump.contains("full_on"),
-            "the pump was not replaced: {pump}"
+            def("grant").contains("decaying_now(l, greatest(made, l.decaying_at))"),
+            "the grant was not replaced"
         );
         let x = l.try_limit("x").unwrap().unwrap();
         assert_eq!((x.limit, x.active_slots), (3, 2));
@@ -139,13 +158,13 @@ fn a_version_1_namespace_is_migrated_in_place() {
         assert!(l.concurrency("x", 1).try_acquire().unwrap().is_none());
         drop(g);
         l.flush().unwrap();
-        // Connecting again finds version 3 and changes nothing.
+        // Connecting again finds the same version and changes nothing.
         drop(connect(cluster, ns));
         assert_eq!(
             cluster
                 .psql(&format!("SELECT version FROM {ns}.meta"))
                 .unwrap(),
-            "3"
+            current
         );
         assert_eq!(l.try_limit("x").unwrap().unwrap().active_slots, 2);
     });

@@ -7,7 +7,7 @@ use super::conn::Client;
 use crate::Error;
 
 /// The namespace's schema version this build writes and reads.
-pub(crate) const VERSION: i32 = 3;
+pub(crate) const VERSION: i32 = 4;
 
 /// Version 1: tables, and the functions that acquire, release, grant and
 /// reap in one round trip each.
@@ -20,6 +20,14 @@ const V2: &str = include_str!("schema_v2.sql");
 /// Version 3, over version 2: a request given up after its reply was lost
 /// takes nothing, even if it reaches the server later.
 const V3: &str = include_str!("schema_v3.sql");
+
+/// Version 4, over version 3: a rate-limit grant is charged from when it is
+/// made, never from before (which let bursts over the bucket through).
+const V4: &str = include_str!("schema_v4.sql");
+
+/// The steps from version 1 to [`VERSION`], in order: the script of
+/// version `n + 2` at index `n`.
+const STEPS: [&str; VERSION as usize - 1] = [V2, V3, V4];
 
 /// A validated namespace.
 #[derive(Debug, Clone)]
@@ -137,8 +145,9 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
             &ns.sql("CREATE SCHEMA __NS__; CREATE TABLE __NS__.meta (version integer NOT NULL); "),
         )?;
         tx.batch_execute(&ns.sql(V1))?;
-        tx.batch_execute(&ns.sql(V2))?;
-        tx.batch_execute(&ns.sql(V3))?;
+        for step in STEPS {
+            tx.batch_execute(&ns.sql(step))?;
+        }
         tx.execute(&ns.sql("INSERT INTO __NS__.meta VALUES ($1)"), &[&VERSION])?;
         return Ok(());
     }
@@ -161,14 +170,10 @@ fn migrate_in(tx: &mut Client, ns: &Namespace, missing: Missing) -> Result<(), M
             ns.name
         ))),
         // Older versions move forward one step at a time.
-        Some(1) => {
-            tx.batch_execute(&ns.sql(V2))?;
-            tx.batch_execute(&ns.sql(V3))?;
-            tx.execute(&ns.sql("UPDATE __NS__.meta SET version = $1"), &[&VERSION])?;
-            Ok(())
-        }
-        Some(2) => {
-            tx.batch_execute(&ns.sql(V3))?;
+        Some(v) if v >= 1 => {
+            for step in &STEPS[v as usize - 1..] {
+                tx.batch_execute(&ns.sql(step))?;
+            }
             tx.execute(&ns.sql("UPDATE __NS__.meta SET version = $1"), &[&VERSION])?;
             Ok(())
         }
