@@ -23,23 +23,8 @@ pub struct Kid {
 
 impl Kid {
     /// Starts `cmd` with stdin and stdout piped (stderr inherited).
-    pub fn spawn(name: &str, mut cmd: Command) -> Kid {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let stdout = child.stdout.take().expect("piped");
-        let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+    pub fn spawn(name: &str, cmd: Command) -> Kid {
+        let (child, stdin, lines) = start_piped(name, cmd);
         Kid {
             name: name.to_string(),
             child,
@@ -107,12 +92,7 @@ impl Kid {
 
     /// Sends signal `sig` (`KILL`, `STOP`, `CONT`, ...) to the child.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig} {}", self.name);
+        signal(&self.child, sig);
     }
 
     /// Waits for it to exit (after a signal, say).
@@ -142,6 +122,41 @@ impl Kid {
         let at = line.find(needle).expect("found");
         Some(line[at..].to_string())
     }
+}
+
+/// Starts `cmd` with stdin and stdout piped (stderr inherited): the child,
+/// its stdin, and its stdout's lines as a thread of its own reads them.
+pub fn start_piped(
+    name: &str,
+    mut cmd: Command,
+) -> (Child, Option<ChildStdin>, mpsc::Receiver<String>) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let stdout = child.stdout.take().expect("piped");
+    let stdin = child.stdin.take();
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, stdin, lines)
+}
+
+/// Sends signal `sig` (`KILL`, `STOP`, `CONT`, ...) to `child`.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {}", child.id());
 }
 
 impl Drop for Kid {

@@ -5,8 +5,8 @@
 //! by line and may write lines to its stdin.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::{BufRead, Write};
+use std::process::{Child, ChildStdin, Command};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -77,29 +77,14 @@ impl Kid {
     /// As [`Kid::spawn`], with extra environment variables (e.g.
     /// `LD_PRELOAD` and `FAKETIME` for a faked clock).
     pub fn spawn_with(role: &str, url: &str, ns: &str, arg: &str, env: &[(&str, &str)]) -> Kid {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        cmd.args(["--exact", "child", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, role)
             .env(URL_ENV, url)
             .env(NS_ENV, ns)
             .env(ARG_ENV, arg)
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn child");
-        let stdout: ChildStdout = child.stdout.take().expect("piped");
-        let stdin = child.stdin.take();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+            .envs(env.iter().copied());
+        let (child, stdin, lines) = super::kid::start_piped(role, cmd);
         Kid {
             child,
             lines,
@@ -139,12 +124,7 @@ impl Kid {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{sig}");
+        super::kid::signal(&self.child, sig);
     }
 
     /// Kills the child with SIGKILL and reaps it.
