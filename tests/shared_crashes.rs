@@ -533,11 +533,15 @@ fn killed_processes_leave_nothing_behind() {
                 assert_eq!(i64::from(info.held_slots), live, "round {round}: {info:?}");
             }
             // Nobody waits while everyone is paused: no ticket is queued (a
-            // granted one stays until its hold is given back; its hold must
-            // exist).
+            // granted one stays until its hold is given back, and its hold
+            // must exist; one that holds nothing, a rate-limit grant, stays
+            // for a lease to answer a late look).
+            let stray = format!(
+                "w.status <> 'granted' OR (w.hold IS NOT NULL \
+                   AND NOT EXISTS (SELECT 1 FROM {ns}.holds h WHERE h.id = w.hold))"
+            );
             let queued = format!(
-                "SELECT (SELECT count(*) FROM {ns}.waiters w WHERE w.status <> 'granted' \
-                           OR NOT EXISTS (SELECT 1 FROM {ns}.holds h WHERE h.id = w.hold)) \
+                "SELECT (SELECT count(*) FROM {ns}.waiters w WHERE {stray}) \
                       + (SELECT count(*) FROM {ns}.waiter_limits)"
             );
             if !eventually(Duration::from_secs(10), || count(&mut db, &queued) == 0) {
@@ -545,7 +549,10 @@ fn killed_processes_leave_nothing_behind() {
                     .query(
                         &format!(
                             "SELECT format('%s', (w.*, c.pid, clock_timestamp())) \
-                               FROM {ns}.waiters w LEFT JOIN {ns}.clients c ON c.id = w.client"
+                               FROM {ns}.waiters w LEFT JOIN {ns}.clients c ON c.id = w.client \
+                              WHERE {stray} \
+                             UNION ALL SELECT format('waiter_limits %s', wl.*) \
+                               FROM {ns}.waiter_limits wl"
                         ),
                         &[],
                     )
