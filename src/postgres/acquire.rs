@@ -383,16 +383,6 @@ fn wake_at(out: &Outcome) -> Option<Instant> {
         .map(|s| Instant::now() + Duration::from_secs_f64(s.clamp(0.0, 1e9)))
 }
 
-/// Runs `call` (blocking database calls) on this thread, unless this thread
-/// drives a tokio runtime: the blocking `postgres` client's own `block_on`
-/// panics there, so the call then runs on a scoped thread of its own.
-fn blocking<R: Send>(call: impl FnOnce() -> R + Send) -> R {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return call();
-    }
-    thread::scope(|s| s.spawn(call).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
-}
-
 /// The async form: the same steps as [`Inner::acquire`], each database call
 /// made inside `poll` (a round trip), waiting between them by waker.
 pub(crate) struct RemoteWait {
@@ -472,7 +462,7 @@ impl Future for RemoteWait {
                     return Poll::Pending;
                 }
                 let since = inner.waits.generation();
-                match blocking(|| inner.first(&this.ask, queue, false, start, deadline)) {
+                match inner.first(&this.ask, queue, false, start, deadline) {
                     First::Done(done) => return this.finish(done),
                     First::Again => {
                         this.arm(now + Duration::from_millis(20), cx);
@@ -508,7 +498,7 @@ impl Future for RemoteWait {
                 let (client, ticket) = (q.client, q.ticket);
                 this.queued = None;
                 drop(inner.waits.unregister(ticket));
-                return match blocking(|| inner.withdraw(&this.ask, client, ticket, start)) {
+                return match inner.withdraw(&this.ask, client, ticket, start) {
                     Some(First::Done(done)) => this.finish(done),
                     _ => this.finish(Err(this.ask.timed_out(start.elapsed()))),
                 };
@@ -519,9 +509,7 @@ impl Future for RemoteWait {
                     let grant = inner.granted(&this.ask, hold, client, start);
                     return this.finish(Ok(Some(grant)));
                 }
-                match blocking(|| {
-                    inner.look(client, ticket, Some(now + Duration::from_millis(200)))
-                }) {
+                match inner.look(client, ticket, Some(now + Duration::from_millis(200))) {
                     Some(out) => match inner.judge(&this.ask, &out, client, epoch, start) {
                         First::Done(Err(e)) => {
                             // Out of its queues on the server; make sure.
