@@ -246,7 +246,7 @@ impl Inner {
     /// Looks at a queued waiter: granted, failed, or still waiting (with its
     /// decay instant). `None`: the database is away past `deadline`.
     fn look(&self, client: i64, ticket: i64, deadline: Option<Instant>) -> Option<Outcome> {
-        let sql = self.ns.sql("SELECT * FROM __NS__.look_soon($1, $2)");
+        let sql = self.ns.sql("SELECT * FROM __NS__.look($1, $2)");
         self.patiently(deadline, |c| self.outcome_of(c, &sql, client, ticket))
     }
 
@@ -376,17 +376,11 @@ impl Inner {
     }
 }
 
-/// How much before its decay instant a waiter looks: about a round trip,
-/// waited out on the server (`look_soon`), so that it is let in on time.
-const LOOK_LEAD: Duration = Duration::from_millis(2);
-
-/// When to look at a queued waiter that decay alone will let in, on this
-/// host's clock: a little before the server's instant.
+/// When decay alone will let a queued waiter in, on this host's clock.
 fn wake_at(out: &Outcome) -> Option<Instant> {
-    out.wait_secs.filter(|s| s.is_finite()).map(|s| {
-        let wait = Duration::from_secs_f64(s.clamp(0.0, 1e9));
-        Instant::now() + wait.saturating_sub(LOOK_LEAD)
-    })
+    out.wait_secs
+        .filter(|s| s.is_finite())
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.clamp(0.0, 1e9)))
 }
 
 /// The async form: the same steps as [`Inner::acquire`], each database call

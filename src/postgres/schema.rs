@@ -7,7 +7,7 @@ use super::conn::Client;
 use crate::Error;
 
 /// The namespace's schema version this build writes and reads.
-pub(crate) const VERSION: i32 = 5;
+pub(crate) const VERSION: i32 = 4;
 
 /// Version 1: tables, and the functions that acquire, release, grant and
 /// reap in one round trip each.
@@ -25,13 +25,9 @@ const V3: &str = include_str!("schema_v3.sql");
 /// made, never from before (which let bursts over the bucket through).
 const V4: &str = include_str!("schema_v4.sql");
 
-/// Version 5, over version 4: a look sent a little before its waiter's
-/// decay instant waits the rest out on the server, before the lock.
-const V5: &str = include_str!("schema_v5.sql");
-
 /// The steps from version 1 to [`VERSION`], in order: the script of
 /// version `n + 2` at index `n`.
-const STEPS: [&str; VERSION as usize - 1] = [V2, V3, V4, V5];
+const STEPS: [&str; VERSION as usize - 1] = [V2, V3, V4];
 
 /// A validated namespace.
 #[derive(Debug, Clone)]
