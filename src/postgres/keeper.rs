@@ -78,15 +78,7 @@ fn renew_every(lease: Duration) -> Duration {
 fn keep(inner: &Inner) {
     let mut pause = Duration::from_millis(20);
     while !inner.stop.load(Ordering::SeqCst) {
-        expire_if_due(inner);
-        let expiry = {
-            let session = inner.session.lock();
-            session
-                .renewed
-                .filter(|_| session.id != 0)
-                .map(|at| at + inner.lease)
-        };
-        match inner.pool.connect_keeper(expiry) {
+        match inner.pool.connect_keeper() {
             Ok(mut conn) => {
                 pause = Duration::from_millis(20);
                 match session(inner, &mut conn) {
@@ -100,7 +92,6 @@ fn keep(inner: &Inner) {
                 }
             }
             Err(_) => {
-                expire_if_due(inner);
                 thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
@@ -229,7 +220,6 @@ fn relock(inner: &Inner, conn: &mut Client, id: i64) -> Result<bool, tokio_postg
                 AND objsubid = 2",
             &[&key, &id],
         )?;
-        expire_if_due(inner);
         thread::sleep(Duration::from_millis(50));
     }
 }

@@ -205,11 +205,10 @@ impl Pool {
         Ok((pool, target))
     }
 
-    /// Opens the keeper's session connection, giving up by `until` too
-    /// (when the lease runs out, so that it is declared lost on time).
-    pub fn connect_keeper(&self, until: Option<Instant>) -> Result<Client, Failure> {
-        let budget = Instant::now() + CALL_BUDGET;
-        let deadline = until.map_or(budget, |u| u.min(budget));
+    /// Opens the keeper's session connection (its lease is watched apart:
+    /// see `keeper::watch_lease`).
+    pub fn connect_keeper(&self) -> Result<Client, Failure> {
+        let deadline = Instant::now() + CALL_BUDGET;
         Client::connect(&self.config, deadline, self.keeper_budget).map_err(Failure::from_connect)
     }
 
@@ -277,17 +276,7 @@ impl Pool {
         until: Option<Instant>,
         f: impl FnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, Failure> {
-        let started = Instant::now();
-        let mut client = self.take(until)?;
-        client.until(until);
-        let result = f(&mut client);
-        let timed_out = client.timed_out();
-        self.give(client);
-        match result {
-            Ok(v) => Ok(v),
-            Err(_) if timed_out => Err(Failure::TimedOut(started.elapsed())),
-            Err(e) => Err(Failure::Db(e)),
-        }
+        self.lend(until, f).0
     }
 
     /// Runs `f` on a connection, once, as [`Pool::with`]; but if the
@@ -301,24 +290,39 @@ impl Pool {
         &self,
         mut f: impl FnMut(&mut Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, Failure> {
-        let started = Instant::now();
-        let mut last_try = false;
-        loop {
-            let (mut client, reused) = self.take_reused(None)?;
-            let result = f(&mut client);
-            let timed_out = client.timed_out();
-            self.give(client);
-            match result {
-                Ok(v) => return Ok(v),
-                Err(_) if timed_out => return Err(Failure::TimedOut(started.elapsed())),
-                Err(e) if reused && !last_try && ended_by_server(&e) => {
-                    // The others idle since are likely ended too.
-                    self.close_idle();
-                    last_try = true;
-                }
-                Err(e) => return Err(Failure::Db(e)),
+        match self.lend(None, &mut f) {
+            (Err(Failure::Db(e)), true) if ended_by_server(&e) => {
+                // The others idle since are likely ended too.
+                self.close_idle();
+                self.lend(None, f).0
             }
+            (result, _) => result,
         }
+    }
+
+    /// Runs `f` on a connection taken from the pool and gives it back:
+    /// what `f` said, a call past its deadline as [`Failure::TimedOut`];
+    /// and whether the connection had been idle in the pool.
+    fn lend<T>(
+        &self,
+        until: Option<Instant>,
+        f: impl FnOnce(&mut Client) -> Result<T, tokio_postgres::Error>,
+    ) -> (Result<T, Failure>, bool) {
+        let started = Instant::now();
+        let (mut client, reused) = match self.take_reused(until) {
+            Ok(taken) => taken,
+            Err(failure) => return (Err(failure), false),
+        };
+        client.until(until);
+        let result = f(&mut client);
+        let timed_out = client.timed_out();
+        self.give(client);
+        let result = match result {
+            Ok(v) => Ok(v),
+            Err(_) if timed_out => Err(Failure::TimedOut(started.elapsed())),
+            Err(e) => Err(Failure::Db(e)),
+        };
+        (result, reused)
     }
 
     /// Closes the idle connections.
